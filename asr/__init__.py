@@ -1,0 +1,1 @@
+"""Fine-tune self-supervised speech encoders with a CTC head on LibriSpeech."""

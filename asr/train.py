@@ -1,0 +1,58 @@
+"""Train, then test: ``python -m asr.train [experiment=...] [key=value ...]``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from asr.data.text import CharTokenizer
+from asr.preflight import check_inputs
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit on the train splits, test on the test splits, and return (and save) the final metrics."""
+    check_inputs(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    tokenizer = CharTokenizer()
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
+    model = instantiate(
+        cfg.model,
+        tokenizer=tokenizer,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        _convert_="all",
+    )
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    trainer.test(model, datamodule=datamodule)
+    metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
+    metrics["data/skipped"] = float(sum(datamodule.skipped.values()))
+
+    path = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    log.info("Final metrics (%s):\n%s", path, json.dumps(metrics, indent=1, sort_keys=True))
+    print(json.dumps({k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith("test/")}, indent=1))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get(cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()

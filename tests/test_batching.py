@@ -1,0 +1,55 @@
+import random
+
+import pytest
+
+from asr.data.batching import DurationBatchSampler
+
+DURATIONS = [random.Random(0).uniform(1.0, 16.0) for _ in range(500)]
+
+
+def test_seconds_budget_and_padding():
+    sampler = DurationBatchSampler(DURATIONS, max_batch_seconds=60, seed=1)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(DURATIONS)))
+    padded = sum(len(b) * max(DURATIONS[i] for i in b) for b in batches)
+    assert all(len(b) * max(DURATIONS[i] for i in b) <= 60 for b in batches)
+    assert sum(DURATIONS) / padded > 0.9
+
+
+def test_fixed_batch_size_and_deterministic_shuffle():
+    a = DurationBatchSampler(DURATIONS, batch_size=4, seed=3)
+    b = DurationBatchSampler(DURATIONS, batch_size=4, seed=3)
+    assert list(a) == list(b)
+    assert all(len(batch) == 4 for batch in a)
+    b.set_epoch(1)
+    assert list(a) != list(b)
+
+
+def test_ranks_get_disjoint_shards_with_equal_batch_counts():
+    shards = [list(DurationBatchSampler(DURATIONS, max_batch_seconds=45, seed=5, rank=r, world_size=3))
+              for r in range(3)]
+    assert len({len(s) for s in shards}) == 1
+    seen = [i for shard in shards for batch in shard for i in batch]
+    assert len(seen) == len(set(seen))
+
+
+def test_evaluation_shards_cover_everything_once():
+    shards = [list(DurationBatchSampler(DURATIONS, batch_size=7, shuffle=False, rank=r, world_size=2,
+                                        drop_uneven=False)) for r in range(2)]
+    assert sorted(i for shard in shards for batch in shard for i in batch) == list(range(len(DURATIONS)))
+
+
+def test_resume_mid_epoch_gives_the_remaining_batches():
+    sampler = DurationBatchSampler(DURATIONS, max_batch_seconds=40, seed=9)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    iterator = iter(sampler)
+    head = [next(iterator) for _ in range(5)]
+    resumed = DurationBatchSampler(DURATIONS, max_batch_seconds=40, seed=9)
+    resumed.load_state_dict(sampler.state_dict())
+    assert head + list(resumed) == full
+
+
+def test_rejects_utterances_longer_than_the_budget():
+    with pytest.raises(ValueError, match="longer than max_batch_seconds"):
+        DurationBatchSampler([1.0, 30.0], max_batch_seconds=20)

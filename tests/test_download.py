@@ -1,0 +1,86 @@
+"""Download against a local HTTP server (127.0.0.1) that serves archives generated here, with Range support."""
+
+import hashlib
+import http.server
+import tarfile
+import threading
+
+import pytest
+
+from asr.data.download import download_split, fetch
+from asr.data.librispeech import read_split
+from tests.conftest import write_flac
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    ranges: list[str | None] = []
+
+    def do_GET(self):
+        body = self.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        requested = self.headers.get("Range")
+        self.ranges.append(requested)
+        start = int(requested.removeprefix("bytes=").rstrip("-")) if requested else 0
+        self.send_response(206 if requested else 200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    RangeHandler.files, RangeHandler.ranges = {}, []
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def make_archive(tmp_path, split="dev-clean") -> bytes:
+    tree = tmp_path / "src"
+    chapter = tree / "LibriSpeech" / split / "1272" / "128104"
+    write_flac(chapter / "1272-128104-0000.flac", 1.2)
+    write_flac(chapter / "1272-128104-0001.flac", 0.8)
+    (chapter / "1272-128104.trans.txt").write_text("1272-128104-0000 MISTER QUILTER\n1272-128104-0001 NOR IS IT\n")
+    archive = tmp_path / f"{split}.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree / "LibriSpeech", arcname="LibriSpeech")
+    return archive.read_bytes()
+
+
+def test_download_resumes_checks_md5_and_extracts(server, tmp_path):
+    body = make_archive(tmp_path)
+    RangeHandler.files["/dev-clean.tar.gz"] = body
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "dev-clean.tar.gz.part").write_bytes(body[:1000])  # an interrupted earlier download
+    md5 = {"dev-clean": hashlib.md5(body).hexdigest()}
+
+    download_split("dev-clean", root, base_url=server, md5=md5)
+
+    assert RangeHandler.ranges == ["bytes=1000-"]
+    assert (root / "dev-clean.tar.gz").read_bytes() == body
+    utterances, skipped = read_split(root, "dev-clean")
+    assert [(u.id, u.transcript) for u in utterances] == [
+        ("1272-128104-0000", "MISTER QUILTER"), ("1272-128104-0001", "NOR IS IT")]
+    assert not skipped
+
+
+def test_md5_mismatch_is_an_error_and_removes_the_download(server, tmp_path):
+    RangeHandler.files["/x.tar.gz"] = b"not the published archive"
+    target = tmp_path / "x.tar.gz"
+    with pytest.raises(RuntimeError, match="does not match the published"):
+        fetch(f"{server}/x.tar.gz", target, "0" * 32)
+    assert not target.exists() and not target.with_name("x.tar.gz.part").exists()
+
+
+def test_unreachable_file_names_the_url(server, tmp_path):
+    with pytest.raises(RuntimeError, match=r"missing\.tar\.gz: HTTP 404"):
+        fetch(f"{server}/missing.tar.gz", tmp_path / "missing.tar.gz", "0" * 32)

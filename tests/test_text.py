@@ -1,0 +1,38 @@
+import torch
+from transformers import Wav2Vec2CTCTokenizer
+
+from asr.data.text import CharTokenizer, normalize
+
+
+def test_normalize_librispeech_style():
+    assert normalize("  Hello,   world! It’s  twenty-one.\n") == "HELLO WORLD IT'S TWENTY ONE"
+    assert normalize("") == ""
+
+
+def test_encode_decode_round_trip(tokenizer):
+    text = "THE QUICK BROWN FOX'S JUMP"
+    ids = tokenizer.encode(text)
+    assert ids.count(tokenizer.delimiter_id) == 4
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.unknown_characters("CAFÉ 9") == {"É", "9"}
+
+
+def test_vocabulary_matches_transformers_tokenizer(tokenizer, tmp_path):
+    hf = Wav2Vec2CTCTokenizer(str(tokenizer.save(tmp_path)), word_delimiter_token="|")
+    text = "HELLO WORLD IT'S ME"
+    assert len(hf) == len(tokenizer) == 32
+    assert hf(text).input_ids == tokenizer.encode(text)
+    assert hf.pad_token_id == tokenizer.pad_id
+    assert hf.decode(tokenizer.encode(text)) == text
+
+
+def test_greedy_ctc_decode_on_hand_made_logits(tokenizer):
+    blank, h, i, sep = tokenizer.pad_id, *(tokenizer.token_to_id[c] for c in "HI|")
+    # frames: H H _ I | | H _ _ I I _  -> "HI HI"; a repeat only counts once unless a blank separates it
+    frames = [h, h, blank, i, sep, sep, h, blank, blank, i, i, blank, h]
+    logits = torch.full((1, len(frames), len(tokenizer)), -5.0)
+    logits[0, torch.arange(len(frames)), torch.tensor(frames)] = 5.0
+    assert tokenizer.batch_ctc_decode(logits, torch.tensor([12])) == ["HI HI"]
+    assert tokenizer.batch_ctc_decode(logits, torch.tensor([13])) == ["HI HIH"]
+    double = [h, blank, h, i]
+    assert tokenizer.ctc_decode(double) == "HHI"

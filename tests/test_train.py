@@ -1,0 +1,66 @@
+"""The entry point as a user runs it: ``python -m asr.train ...`` in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+TINY_MODEL = [
+    "model.config.hidden_size=64", "model.config.num_hidden_layers=2", "model.config.intermediate_size=128",
+    "model.config.num_attention_heads=2",
+]
+
+
+def run_train(*overrides, cwd, timeout=600, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "asr.train", *overrides], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
+
+
+def metrics_of(cwd):
+    (path,) = cwd.glob("outputs/*/*/metrics.json")
+    return json.loads(path.read_text())
+
+
+def test_fast_dev_run(demo_root, tmp_path):
+    result = run_train("experiment=demo", f"data.root={demo_root}", "trainer.fast_dev_run=true", *TINY_MODEL,
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = metrics_of(tmp_path)
+    for key in ("test/wer", "test/cer", "test/test-seen/wer", "test/test-unseen/wer", "val/wer", "train/loss"):
+        assert key in metrics
+    assert metrics["test/wer"] == pytest.approx((metrics["test/test-seen/wer"] + metrics["test/test-unseen/wer"]) / 2)
+
+
+def test_runs_without_a_logger(demo_root, tmp_path):
+    result = run_train("experiment=demo", f"data.root={demo_root}", "trainer.fast_dev_run=true", "~logger",
+                       *TINY_MODEL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not list(tmp_path.glob("outputs/*/*/csv"))
+    assert "test/wer" in metrics_of(tmp_path)
+
+
+def test_without_data_or_network_fails_fast_with_instructions(tmp_path):
+    start = time.time()
+    result = run_train(f"data.root={tmp_path / 'nowhere'}", cwd=tmp_path, timeout=120,
+                       env={"HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode != 0
+    assert time.time() - start < 60
+    message = result.stderr
+    assert "LibriSpeech is missing" in message and "train-clean-100" in message
+    assert "facebook/hubert-large-ll60k" in message and "not in the Hugging Face cache" in message
+    assert "experiment=demo" in message
+    assert "Traceback" not in message
+
+
+def test_model_card_config_prints(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "asr.train", "experiment=hubert_large_ls100h", "--cfg", "job"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for line in ("pretrained: facebook/hubert-large-ll60k", "lr: 0.0003", "warmup_steps: 500", "max_epochs: 3",
+                 "precision: 16-mixed", "batch_size: 4", "seed: 42"):
+        assert line in result.stdout
