@@ -12,6 +12,7 @@ from torch import nn
 from torchmetrics.text import CharErrorRate, WordErrorRate
 from transformers import AutoConfig, AutoModelForCTC, PreTrainedModel
 
+from asr.data.librispeech import SAMPLE_RATE
 from asr.data.text import CharTokenizer
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class SpeechRecognizer(L.LightningModule):
         # Utterances with more labels than frames give an infinite CTC loss, zeroed above; count them.
         too_short = (lengths < batch["label_lengths"]).sum().float()
         self.log("train/infeasible_utterances", too_short, on_step=False, on_epoch=True, reduce_fx="sum")
-        self.log("train/audio_seconds", batch["attention_mask"].sum().float() / 16_000,
+        self.log("train/audio_seconds", batch["attention_mask"].sum().float() / SAMPLE_RATE,
                  on_step=False, on_epoch=True, reduce_fx="sum")
         return loss
 

@@ -53,3 +53,11 @@ def test_resume_mid_epoch_gives_the_remaining_batches():
 def test_rejects_utterances_longer_than_the_budget():
     with pytest.raises(ValueError, match="longer than max_batch_seconds"):
         DurationBatchSampler([1.0, 30.0], max_batch_seconds=20)
+
+
+def test_an_unfinished_pass_does_not_shorten_the_next():
+    sampler = DurationBatchSampler(DURATIONS, batch_size=8, shuffle=False, drop_uneven=False)
+    for k, _ in enumerate(sampler):
+        if k + 1 == len(sampler):
+            break  # stop without exhausting the generator, as Lightning's loops do
+    assert len(list(sampler)) == len(sampler)
