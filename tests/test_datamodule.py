@@ -43,7 +43,7 @@ def test_out_of_vocabulary_and_duration_filters_are_counted(tmp_path, tokenizer)
 
 def test_inspect_command(demo_root):
     result = subprocess.run(
-        [sys.executable, "-m", "asr.data", "inspect", "experiment=demo", f"data.root={demo_root}"],
+        [sys.executable, "-m", "asr.data", "inspect", "experiment=demo", f"data.root={demo_root}", "data.demo_corpus=null"],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr

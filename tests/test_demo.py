@@ -22,6 +22,7 @@ def logged(cwd, key):
         return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
 
 
+@pytest.mark.slow
 def test_short_demo_run_learns(demo_root, tmp_path):
     result = run(f"data.root={demo_root}", "trainer.max_steps=350", "trainer.log_every_n_steps=10",
                  "trainer.check_val_every_n_epoch=1000", "model.freeze_feature_encoder_after=null",
