@@ -1,7 +1,7 @@
 import torch
 from transformers import Wav2Vec2CTCTokenizer
 
-from asr.data.text import CharTokenizer, normalize
+from asr.data.text import normalize
 
 
 def test_normalize_librispeech_style():
