@@ -1,0 +1,64 @@
+"""Data commands, configured like training: ``python -m asr.data {inspect,download} [key=value ...]``.
+
+- ``inspect``: per split, utterances, hours, speakers, duration range, character set and skipped items.
+- ``download``: fetch and extract the OpenSLR archives of the configured splits into ``data.root``.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from asr.data.download import download_split
+from asr.data.text import CharTokenizer, normalize
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def inspect(cfg: DictConfig) -> None:
+    datamodule = instantiate(cfg.data, tokenizer=CharTokenizer(), _convert_="all")
+    datamodule.prepare_data()
+    for split in dict.fromkeys([*datamodule.train_splits, *datamodule.val_splits, *datamodule.test_splits]):
+        utterances = datamodule.load_split(split, for_training=split in datamodule.train_splits)
+        durations = [u.duration for u in utterances]
+        characters = "".join(sorted({c for u in utterances for c in normalize(u.transcript)}))
+        skipped = {k.split("/", 1)[1]: n for k, n in datamodule.skipped.items() if k.startswith(f"{split}/")}
+        print(
+            f"{split}: {len(utterances)} utterances, {sum(durations) / 3600:.2f} h, "
+            f"{len({u.speaker for u in utterances})} speakers\n"
+            f"  duration min/mean/max: {min(durations):.2f} / {statistics.mean(durations):.2f} / "
+            f"{max(durations):.2f} s\n"
+            f"  characters: {characters!r}\n"
+            f"  skipped: {sum(skipped.values())} {skipped if skipped else ''}"
+        )
+
+
+def download(cfg: DictConfig) -> None:
+    data = cfg.data
+    if data.get("demo_corpus") is not None:
+        raise SystemExit("data=demo is synthesised locally; there is nothing to download")
+    for split in dict.fromkeys([*data.train_splits, *data.val_splits, *data.test_splits]):
+        print(download_split(split, data.root))
+
+
+COMMANDS = {"inspect": inspect, "download": download}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        raise SystemExit(f"usage: python -m asr.data {{{','.join(COMMANDS)}}} [key=value ...]")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=argv[1:])
+    COMMANDS[argv[0]](cfg)
+
+
+if __name__ == "__main__":
+    main()

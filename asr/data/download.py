@@ -1,0 +1,87 @@
+"""Fetching the OpenSLR LibriSpeech archives: resumable, MD5-checked, then extracted under ``root``."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tarfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from rich.progress import Progress
+
+log = logging.getLogger(__name__)
+
+OPENSLR_URL = "https://www.openslr.org/resources/12"
+# MD5 sums as published by OpenSLR (resources/12/md5sum.txt).
+MD5 = {
+    "dev-clean": "42e2234ba48799c1f50f24a7926300a1",
+    "dev-other": "c8d0bcc9cca99d4f8b62fcc847357931",
+    "test-clean": "32fa31d27d2e1cad72775fee3f4849a9",
+    "test-other": "fb5a50374b501bb3bac4815ee91d3135",
+    "train-clean-100": "2a93770f6d5c6c964bc36631d331a522",
+    "train-clean-360": "c0e676e450a7ff2f54aeade5171606fa",
+    "train-other-500": "d1a0fd59409feb2c614ce4d30c387708",
+}
+_CHUNK = 1 << 20
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(url: str, target: Path, expected_md5: str) -> Path:
+    """Download ``url`` to ``target``, resuming a ``.part`` file left by an interrupted run."""
+    if target.exists() and md5sum(target) == expected_md5:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    offset = partial.stat().st_size if partial.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as err:
+        if err.code != 416:  # 416: the part file is already complete
+            raise RuntimeError(f"cannot download {url}: HTTP {err.code} {err.reason}") from err
+        response = None
+    except urllib.error.URLError as err:
+        raise RuntimeError(f"cannot download {url}: {err.reason}") from err
+    if response is not None:
+        with response:
+            if offset and response.status != 206:  # the server ignored the range: start over
+                offset = 0
+            total = offset + int(response.headers.get("Content-Length", 0))
+            with partial.open("ab" if offset else "wb") as out, Progress() as progress:
+                task = progress.add_task(target.name, total=total or None, completed=offset)
+                while block := response.read(_CHUNK):
+                    out.write(block)
+                    progress.advance(task, len(block))
+    actual = md5sum(partial)
+    if actual != expected_md5:
+        partial.unlink()
+        raise RuntimeError(f"{url}: MD5 {actual} does not match the published {expected_md5}; removed, run again")
+    partial.rename(target)
+    return target
+
+
+def download_split(split: str, root: str | Path, base_url: str = OPENSLR_URL, md5: dict[str, str] = MD5) -> Path:
+    """Fetch and extract one split into ``root/LibriSpeech/<split>``; the archive is kept in ``root``."""
+    if split not in md5:
+        raise ValueError(f"unknown LibriSpeech split {split!r}; known: {', '.join(md5)}")
+    root = Path(root).expanduser()
+    destination = root / "LibriSpeech" / split
+    if destination.is_dir():
+        log.info("%s already extracted at %s", split, destination)
+        return destination
+    archive = fetch(f"{base_url}/{split}.tar.gz", root / f"{split}.tar.gz", md5[split])
+    log.info("Extracting %s", archive)
+    with tarfile.open(archive) as tar:
+        tar.extractall(root, filter="data")
+    if not destination.is_dir():
+        raise RuntimeError(f"{archive} did not contain LibriSpeech/{split}/")
+    return destination

@@ -1,0 +1,69 @@
+"""Transcript normalisation and the character vocabulary shared by data, model and decoding."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+PAD, BOS, EOS, UNK, WORD_DELIMITER = "<pad>", "<s>", "</s>", "<unk>", "|"
+# Same layout as the vocab.json of facebook/wav2vec2-base-960h and the hubert-*-ft checkpoints, so ids
+# line up with transformers' Wav2Vec2CTCTokenizer and with published CTC heads.
+CHARACTERS = tuple("ETAONIHSRDLUMWCFGYPBVK'XJQZ")
+VOCAB = (PAD, BOS, EOS, UNK, WORD_DELIMITER, *CHARACTERS)
+
+_NOT_IN_ALPHABET = re.compile(r"[^A-Z' ]+")
+_SPACES = re.compile(r"\s+")
+
+
+def normalize(text: str) -> str:
+    """LibriSpeech style: upper case, letters and apostrophes, single spaces."""
+    text = text.upper().replace("’", "'").replace("-", " ")
+    text = _NOT_IN_ALPHABET.sub(" ", text)
+    return _SPACES.sub(" ", text).strip()
+
+
+class CharTokenizer:
+    """Character CTC tokenizer; the blank is the pad token, as in transformers' CTC models."""
+
+    def __init__(self, vocab: tuple[str, ...] = VOCAB) -> None:
+        self.vocab = vocab
+        self.token_to_id = {tok: i for i, tok in enumerate(vocab)}
+        self.pad_id = self.token_to_id[PAD]
+        self.unk_id = self.token_to_id[UNK]
+        self.delimiter_id = self.token_to_id[WORD_DELIMITER]
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def unknown_characters(self, text: str) -> set[str]:
+        return {c for c in text if c != " " and c not in self.token_to_id}
+
+    def encode(self, text: str) -> list[int]:
+        """Encode a normalised transcript; spaces become the word delimiter."""
+        return [
+            self.delimiter_id if c == " " else self.token_to_id.get(c, self.unk_id) for c in text
+        ]
+
+    def decode(self, ids: list[int]) -> str:
+        specials = {self.pad_id, self.token_to_id[BOS], self.token_to_id[EOS]}
+        chars = [" " if i == self.delimiter_id else self.vocab[i] for i in ids if i not in specials]
+        return _SPACES.sub(" ", "".join(chars)).strip()
+
+    def ctc_decode(self, ids: list[int]) -> str:
+        """Greedy CTC: collapse repeats, then drop blanks."""
+        collapsed = [i for k, i in enumerate(ids) if k == 0 or i != ids[k - 1]]
+        return self.decode([i for i in collapsed if i != self.pad_id])
+
+    def batch_ctc_decode(self, logits: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        best = logits.argmax(dim=-1).cpu().tolist()
+        return [self.ctc_decode(seq[:n]) for seq, n in zip(best, lengths.cpu().tolist(), strict=True)]
+
+    def save(self, directory: str | Path) -> Path:
+        """Write vocab.json in the format of transformers' Wav2Vec2CTCTokenizer."""
+        path = Path(directory) / "vocab.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.token_to_id, indent=1))
+        return path
