@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 
 import lightning as L
@@ -12,25 +13,39 @@ from torch import nn
 from torchmetrics.text import CharErrorRate, WordErrorRate
 from transformers import AutoConfig, AutoModelForCTC, PreTrainedModel
 
+from asr import speedups
 from asr.data.librispeech import SAMPLE_RATE
 from asr.data.text import CharTokenizer
 
 log = logging.getLogger(__name__)
+# The model's on_before_batch_transfer (host-side packing) is meant to run with any DataModule.
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `Lightning")
 
 
-def build_backbone(pretrained: str | None, config: dict, tokenizer: CharTokenizer) -> PreTrainedModel:
+def build_backbone(
+    pretrained: str | None, config: dict, tokenizer: CharTokenizer, attn_implementation: str | None = None
+) -> PreTrainedModel:
     """Load ``pretrained`` (hub id or local folder) with ``config`` as overrides, or random-init from ``config``.
 
-    The CTC head is sized from the tokenizer, and its blank is the tokenizer's pad id.
+    The CTC head is sized from the tokenizer, and its blank is the tokenizer's pad id. ``attn_implementation``
+    (``sdpa``, ``eager``, ...) is transformers' choice when null.
     """
     config = dict(config)
     model_type = config.pop("model_type", None)
     ctc = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_id}
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if pretrained:
-        return AutoModelForCTC.from_pretrained(pretrained, **config, **ctc)
+        return AutoModelForCTC.from_pretrained(pretrained, **config, **ctc, **attention)
     if model_type is None:
         raise ValueError("model.config.model_type is required when model.pretrained is null")
-    return AutoModelForCTC.from_config(AutoConfig.for_model(model_type, **config, **ctc))
+    return AutoModelForCTC.from_config(AutoConfig.for_model(model_type, **config, **ctc), **attention)
+
+
+def architecture_overrides(config: dict) -> dict:
+    """A saved backbone config (``to_diff_dict``) as ``model.config``, to rebuild the same architecture."""
+    dropped = ("vocab_size", "pad_token_id", "architectures", "transformers_version", "_name_or_path",
+               "torch_dtype", "dtype", "id2label", "label2id")
+    return {k: v for k, v in config.items() if k not in dropped}
 
 
 class SpeechRecognizer(L.LightningModule):
@@ -45,13 +60,42 @@ class SpeechRecognizer(L.LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         val_splits: tuple[str, ...] = ("dev",),
         test_splits: tuple[str, ...] = ("test",),
+        attn_implementation: str | None = None,
+        device_specaugment: bool = True,
+        sync_free_logging: bool = True,
+        packed: bool = False,
+        compile: str | None = None,
+        compile_options: dict | None = None,
     ) -> None:
+        """The speed switches (see asr/speedups.py; none changes what is computed, up to the random masks):
+
+        - ``device_specaugment``: SpecAugment masks drawn on the device and applied without boolean indexing,
+          so a training step does not wait for the GPU to build them (they also never fall on padding);
+        - ``sync_free_logging``: ``train/loss`` (mean since the last log) and ``train/lr`` are logged every
+          ``trainer.log_every_n_steps`` steps from host values, instead of device values every step that the
+          progress bar reads back;
+        - ``packed``: the transformer layers run on the valid frames only, with variable-length attention
+          (``attn_implementation`` becomes ``asr_packed``; HuBERT and wav2vec 2.0);
+        - ``compile``: ``layers`` (and/or ``feature_encoder``, joined with ``+``) compiles those modules,
+          in place, with ``compile_options`` when fitting or testing starts.
+        """
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer", "optimizer", "scheduler"])
         self.tokenizer = tokenizer
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.backbone = build_backbone(pretrained, config or {}, tokenizer)
+        if packed:
+            speedups.register_packed_attention()
+            attn_implementation = speedups.PACKED_ATTENTION
+        self.backbone = build_backbone(pretrained, config or {}, tokenizer, attn_implementation)
+        self.packed_encoder = speedups.install_packed_encoder(self.backbone) if packed else None
+        cfg = self.backbone.config
+        self.device_specaugment = device_specaugment and (cfg.mask_time_prob > 0 or cfg.mask_feature_prob > 0)
+        if self.device_specaugment:
+            speedups.install_device_specaugment(self.backbone)
+        self.compiled: list[str] = []
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_steps = 0
         self.feature_encoder_frozen = False
         if freeze_feature_encoder:
             self._freeze_feature_encoder()
@@ -77,10 +121,47 @@ class SpeechRecognizer(L.LightningModule):
             self._freeze_feature_encoder()
             log.info("Feature encoder frozen at step %d", self.global_step)
 
-    def forward(self, input_values: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def configure_model(self) -> None:
+        if self.hparams.compile and not self.compiled:
+            hp = self.hparams
+            self.compiled = speedups.compile_regions(self.backbone, hp.compile, hp.compile_options)
+            log.info("torch.compile: %s", ", ".join(self.compiled))
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # Still on the host: what the packed encoder needs is computed here, not read back from the GPU later.
+        if self.packed_encoder is not None and "input_values" in batch and len(batch["input_values"]):
+            batch["packing"] = self._packing(batch["attention_mask"], pin=True)
+        return batch
+
+    def _packing(self, attention_mask: torch.Tensor, pin: bool = False) -> speedups.Packing:
+        feat_lengths = self.backbone._get_feat_extract_output_lengths
+        frames = int(feat_lengths(torch.tensor(attention_mask.shape[1])))
+        return speedups.packing_of(feat_lengths(attention_mask.sum(-1).cpu()), frames, pin=pin)
+
+    def forward(
+        self,
+        input_values: torch.Tensor,
+        attention_mask: torch.Tensor,
+        packing: speedups.Packing | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (batch, frames, vocab) and the number of valid frames of each utterance."""
-        logits = self.backbone(input_values, attention_mask=attention_mask).logits
         lengths = self.backbone._get_feat_extract_output_lengths(attention_mask.sum(-1))
+        kwargs = {}
+        if self.device_specaugment and self.training and self.backbone.config.mask_time_prob > 0:
+            cfg = self.backbone.config
+            frames = int(self.backbone._get_feat_extract_output_lengths(torch.tensor(input_values.shape[1])))
+            kwargs["mask_time_indices"] = speedups.time_mask(
+                lengths, frames, cfg.mask_time_prob, cfg.mask_time_length, cfg.mask_time_min_masks
+            )
+        if self.packed_encoder is None:
+            return self.backbone(input_values, attention_mask=attention_mask, **kwargs).logits, lengths
+        if packing is None:
+            packing = self._packing(attention_mask)
+        self.packed_encoder.asr_packing = packing.to(input_values.device, non_blocking=True)
+        try:
+            logits = self.backbone(input_values, attention_mask=attention_mask, **kwargs).logits
+        finally:
+            self.packed_encoder.asr_packing = None
         return logits, lengths
 
     def ctc_loss(self, logits: torch.Tensor, lengths: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -94,11 +175,16 @@ class SpeechRecognizer(L.LightningModule):
         return loss / batch["label_lengths"].sum()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits, lengths = self(batch["input_values"], batch["attention_mask"])
+        if not batch["ids"]:  # all failed to decode (data.on_error=skip): a zero step keeps DDP ranks in step
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+        logits, lengths = self(batch["input_values"], batch["attention_mask"], batch.get("packing"))
         loss = self.ctc_loss(logits, lengths, batch)
         batch_size = len(batch["ids"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        if self.hparams.sync_free_logging:
+            self._log_train_loss_every_n_steps(loss, batch_size)
+        else:
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         # Utterances with more labels than frames give an infinite CTC loss, zeroed above; count them.
         too_short = (lengths < batch["label_lengths"]).sum().float()
         self.log("train/infeasible_utterances", too_short, on_step=False, on_epoch=True, reduce_fx="sum")
@@ -106,9 +192,47 @@ class SpeechRecognizer(L.LightningModule):
                  on_step=False, on_epoch=True, reduce_fx="sum")
         return loss
 
+    def _log_train_loss_every_n_steps(self, loss: torch.Tensor, batch_size: int) -> None:
+        """Log the mean loss since the last logger write, every ``trainer.log_every_n_steps`` steps.
+
+        Only a logging step reads a value back from the device. The values logged are host tensors, which the
+        progress bar reads for free; a device tensor logged each step is read back at every refresh.
+        """
+        loss = loss.detach().float()
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._loss_steps += 1
+        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        written = (self.global_step + 1) % max(every, 1) == 0  # Lightning writes to the logger at this step
+        if written or self.global_step == 0:  # the first step too, for the progress bar
+            mean = (self._loss_sum / self._loss_steps).cpu()
+            if written:
+                self._loss_sum, self._loss_steps = None, 0
+            self.log("train/loss", mean, prog_bar=True, batch_size=batch_size)
+            lr = torch.tensor(float(self.optimizers().param_groups[0]["lr"]))
+            self.log("train/lr", lr, batch_size=batch_size)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning refuses to clip for optimizers that can unscale gradients themselves (fused AdamW) under
+        # mixed precision, although without a gradient scaler (bf16-mixed) clipping before the step is exact.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if gradient_clip_val and scaler is None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The full backbone config, so that a checkpoint can be rebuilt without the hub (asr.evaluate).
+        checkpoint["backbone_config"] = self.backbone.config.to_diff_dict()
+
     def _evaluate(self, stage: str, batch: dict, batch_idx: int, dataloader_idx: int) -> None:
         split = self.splits[stage][dataloader_idx]
-        logits, lengths = self(batch["input_values"], batch["attention_mask"])
+        if not batch["ids"]:  # all failed to decode (data.on_error=skip); the DataModule counted them
+            return
+        logits, lengths = self(batch["input_values"], batch["attention_mask"], batch.get("packing"))
         loss = self.ctc_loss(logits, lengths, batch)
         self.log(f"{stage}/{split}/loss", loss, batch_size=len(batch["ids"]), add_dataloader_idx=False,
                  sync_dist=True)

@@ -7,23 +7,29 @@ from pathlib import Path
 from huggingface_hub import try_to_load_from_cache
 from omegaconf import DictConfig
 
-from asr.data.librispeech import split_dir
+from asr.data.librispeech import locate, parts, split_dir
 
 OFFLINE_HINT = "To try the whole pipeline offline on CPU, run: python -m asr.train experiment=demo"
 
 
 def missing_data(data: DictConfig) -> str | None:
-    if data.get("demo_corpus") is not None:
-        return None  # synthesised on first use
-    splits = [*data.train_splits, *data.val_splits, *data.test_splits]
-    absent = [s for s in splits if not split_dir(data.root, s).is_dir()]
+    if data.get("demo_corpus") is not None or data.get("archive_url"):
+        return None  # synthesised on first use, or streamed from a URL
+    splits = dict.fromkeys([*data.train_splits, *data.val_splits, *data.test_splits])
+    absent = []
+    for part in dict.fromkeys(p for split in splits for p in parts(split)):
+        try:
+            locate(data.root, part)
+        except FileNotFoundError:
+            absent.append(part)
     if not absent:
         return None
     return (
-        f"LibriSpeech is missing at data.root={data.root}: no {', '.join(absent)} in "
-        f"{split_dir(data.root, '').resolve()}. Download it with `python -m asr.data download data.root=DIR`, "
-        "or extract the OpenSLR archives (https://www.openslr.org/12) so that DIR/LibriSpeech/<split>/ exists, "
-        "then pass data.root=DIR."
+        f"LibriSpeech is missing at data.root={data.root}: no {', '.join(absent)} as folders in "
+        f"{split_dir(data.root, '').resolve()} or as <split>.tar.gz archives in "
+        f"{Path(data.root).expanduser().resolve()}. Download it with `python -m asr.data download data.root=DIR` "
+        "(or put the OpenSLR archives from https://www.openslr.org/12 in DIR, or stream them with "
+        "data.archive_url=https://www.openslr.org/resources/12), then pass data.root=DIR."
     )
 
 

@@ -1,12 +1,17 @@
 import subprocess
 import sys
+from collections import Counter
 
+import lightning as L
 import pytest
 import torch
 
 from asr.data.datamodule import SpeechDataModule
 from asr.data.librispeech import DataError
-from tests.conftest import write_flac
+from asr.model import SpeechRecognizer
+from tests.conftest import TINY_HUBERT, write_flac
+from tests.test_archive import big_archive
+from tests.test_librispeech import CHECK_PROBLEMS, USABLE, make_archive, write_corpus
 
 
 def make_datamodule(root, tokenizer, **kwargs):
@@ -15,9 +20,15 @@ def make_datamodule(root, tokenizer, **kwargs):
     return SpeechDataModule(**{**defaults, **kwargs})
 
 
-def test_batches_from_the_demo_corpus(demo_root, tokenizer):
-    dm = make_datamodule(demo_root, tokenizer)
-    dm.setup("fit")
+def ready(dm, stage="fit"):
+    dm.prepare_data()
+    dm.setup(stage)
+    return dm
+
+
+def test_batches_from_the_demo_corpus(demo_root, tokenizer, tmp_path):
+    dm = ready(make_datamodule(demo_root, tokenizer, manifest_dir=str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.json", "test-seen.json", "train.json"]
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_values"].dtype == torch.float32
     assert batch["attention_mask"].sum() / 16000 <= 10
@@ -25,6 +36,7 @@ def test_batches_from_the_demo_corpus(demo_root, tokenizer):
     k = int(lengths.argmin())
     assert batch["input_values"][k, lengths[k]:].abs().sum() == 0
     assert tokenizer.decode(batch["labels"][0][: batch["label_lengths"][0]].tolist()) == batch["texts"][0]
+    assert batch["skipped"] == []
     assert sum(len(b) for b in dm.val_dataloader()[0].batch_sampler) == len(dm._utterances["dev"])
 
 
@@ -34,19 +46,194 @@ def test_out_of_vocabulary_and_duration_filters_are_counted(tmp_path, tokenizer)
         write_flac(chapter / f"1-2-{k}.flac", seconds)
     (chapter / "1-2.trans.txt").write_text("1-2-0 HELLO\n1-2-1 CAFÉ NOIR\n1-2-2 TOO SHORT\n1-2-3 FINE\n")
     dm = make_datamodule(tmp_path, tokenizer, min_duration=0.5)
-    assert [u.id for u in dm.load_split("train", for_training=True)] == ["1-2-0", "1-2-3"]
-    assert dm.skipped == {"train/characters outside the vocabulary": 1, "train/shorter than data.min_duration": 1}
+    utterances, skipped = dm.load_split("train", for_training=True)
+    assert [u.id for u in utterances] == ["1-2-0", "1-2-3"]
+    assert skipped == {"characters outside the vocabulary": 1, "shorter than data.min_duration": 1}
     strict = make_datamodule(tmp_path, tokenizer, on_error="raise")
     with pytest.raises(DataError, match=r"1-2-1\.flac: characters outside the vocabulary \(É\)"):
         strict.load_split("train", for_training=True)
 
 
+def corpus_datamodule(root, tokenizer, **kwargs):
+    splits = dict(train_splits=["dev-clean"], val_splits=["dev-clean"], test_splits=["dev-clean"])
+    return make_datamodule(root, tokenizer, batch_size=2, max_batch_seconds=None, **{**splits, **kwargs})
+
+
+def drain(dm, loader, dataloader_idx=0):
+    """Iterate a loader as Lightning does, through the DataModule's batch hook."""
+    return [dm.on_after_batch_transfer(batch, dataloader_idx) for batch in loader]
+
+
+def source_root(tmp_path, source):
+    """The mini corpus, as a folder or as an archive in a root of its own."""
+    write_corpus(tmp_path)
+    if source == "folder":
+        return tmp_path
+    (tmp_path / "archives").mkdir()
+    make_archive(tmp_path, "dev-clean", tmp_path / "archives" / "dev-clean.tar.gz")
+    return tmp_path / "archives"
+
+
+@pytest.mark.parametrize("source", ["folder", "archive"])
+def test_every_bad_input_is_counted_by_reason(tmp_path, tokenizer, source):
+    dm = ready(corpus_datamodule(source_root(tmp_path, source), tokenizer, val_splits=[], test_splits=[]))
+    assert dm.is_stream(["dev-clean"]) == (source == "archive")
+    batches = drain(dm, dm.train_dataloader())
+    trained = sorted(i for b in batches for i in b["ids"])
+    assert trained == sorted(set(USABLE) - {"174-50561-0002", "174-50561-0006"})
+    dm.teardown("fit")
+    # A folder's problems are counted at setup from its manifest, and the truncated file when decoded; a
+    # stream counts everything as it reads.
+    once = ("empty transcript", "transcript without audio", "unreadable audio", "wrong sample rate",
+            "shorter than the receptive field", "characters outside the vocabulary",
+            "label longer than the output frames", "undecodable audio")
+    expected = {f"dev-clean/{reason}": 1 for reason in once} | {"dev-clean/audio without transcript": 2}
+    assert dm.skipped == expected
+
+
+@pytest.mark.parametrize("source", ["folder", "archive"])
+def test_evaluation_uses_every_usable_utterance_once(tmp_path, tokenizer, source):
+    dm = ready(corpus_datamodule(source_root(tmp_path, source), tokenizer, train_splits=[], test_splits=[]),
+               "validate")
+    batches = drain(dm, dm.val_dataloader()[0])
+    assert sorted(i for b in batches for i in b["ids"]) == sorted(set(USABLE) - {"174-50561-0002"})
+    skipped = Counter(reason for b in batches for reason, _ in b["skipped"])
+    if source == "folder":  # the rest was counted at setup, from the manifest
+        assert skipped == {"undecodable audio": 1}
+    else:
+        assert skipped == {"audio without transcript": 2, "undecodable audio": 1} | {reason: 1 for reason in (
+            "empty transcript", "transcript without audio", "unreadable audio", "wrong sample rate",
+            "shorter than the receptive field", "characters outside the vocabulary")}
+
+
+def truncated_corpus(root, good=0, bad=2):
+    folder = root / "LibriSpeech" / "dev-clean" / "5" / "6"
+    for k in range(good + bad):
+        write_flac(folder / f"5-6-{k}.flac", 1.0)
+        if k >= good:
+            whole = (folder / f"5-6-{k}.flac").read_bytes()
+            (folder / f"5-6-{k}.flac").write_bytes(whole[: len(whole) // 2])
+    (folder / "5-6.trans.txt").write_text("".join(f"5-6-{k} HELLO\n" for k in range(good + bad)))
+
+
+def test_raise_policy_names_the_file_when_decoding(tmp_path, tokenizer):
+    truncated_corpus(tmp_path, good=1, bad=1)
+    dm = ready(corpus_datamodule(tmp_path, tokenizer, on_error="raise"))
+    with pytest.raises(DataError, match=r"5-6-1\.flac: undecodable audio \("):
+        drain(dm, dm.train_dataloader())
+
+
+def test_an_all_skipped_batch_is_empty_and_counted(tmp_path, tokenizer):
+    truncated_corpus(tmp_path)
+    dm = ready(corpus_datamodule(tmp_path, tokenizer))
+    (batch,) = drain(dm, dm.train_dataloader())
+    assert batch["input_values"].shape == (0, 0) and batch["ids"] == [] and len(batch["skipped"]) == 2
+    dm.teardown("fit")
+    assert dm.skipped == {"dev-clean/undecodable audio": 2}
+    model = SpeechRecognizer(tokenizer, torch.optim.SGD, config=TINY_HUBERT, freeze_feature_encoder=False)
+    loss = model.training_step(batch, 0)  # a zero step, so that DDP ranks stay in step
+    loss.backward()
+    assert loss.item() == 0 and all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    model.validation_step(batch, 0)
+
+
+@pytest.mark.parametrize("source", ["folder", "archive"])
+def test_resume_through_the_datamodule_state_gives_the_remaining_batches(tmp_path, tokenizer, source):
+    archive, _ = big_archive(tmp_path)
+    root = tmp_path
+    if source == "archive":
+        root = tmp_path / "archives"
+        root.mkdir()
+        (tmp_path / "train-clean-100.tar.gz").rename(root / "train-clean-100.tar.gz")
+    options = dict(train_splits=["train-clean-100"], val_splits=[], test_splits=[], max_batch_seconds=1.5,
+                   min_samples=100, shuffle_buffer=12, seed=5, num_workers=2)
+    first = ready(make_datamodule(root, tokenizer, **options))
+    first.load_state_dict({"epoch": 1, "batches": 0})
+    loader = first.train_dataloader()
+    full = [b["ids"] for b in drain(first, loader)]
+    assert len(full) == len(loader) > 6
+    ids = [i for batch in full for i in batch]
+    if source == "folder":  # (a stream shard that runs short after epoch 0 re-reads its start)
+        assert len(ids) == len(set(ids))  # two workers, no duplicates
+    first.load_state_dict({"epoch": 1, "batches": 0})
+    head = []
+    for batch in loader:
+        head.append(first.on_after_batch_transfer(batch, 0)["ids"])
+        if len(head) == 5:
+            break
+    state = first.state_dict()
+    assert state == {"epoch": 1, "batches": 5}
+
+    resumed = ready(make_datamodule(root, tokenizer, **options))
+    resumed.load_state_dict(state)
+    assert head + [b["ids"] for b in resumed.train_dataloader()] == full
+
+
+class Recorder(L.LightningModule):
+    """Trains nothing; records the utterance ids of every training batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((self.current_epoch, tuple(batch["ids"])))
+        return self.weight * batch["input_values"].mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def fit(root, tokenizer, tmp_path, ckpt_path=None, **trainer_options):
+    dm = make_datamodule(root, tokenizer, train_splits=["train-clean-100"], val_splits=[], test_splits=[],
+                         max_batch_seconds=1.5, min_samples=100, seed=5)
+    model = Recorder()
+    options = dict(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                   use_distributed_sampler=False, default_root_dir=tmp_path)
+    L.Trainer(**{**options, **trainer_options}).fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return model.seen
+
+
+@pytest.mark.parametrize("into_second_epoch", [3, 0])
+def test_lightning_reshuffles_each_epoch_and_resumes(tmp_path, tokenizer, into_second_epoch):
+    big_archive(tmp_path)
+    whole = fit(tmp_path, tokenizer, tmp_path)
+    epochs = [[ids for e, ids in whole if e == epoch] for epoch in (0, 1)]
+    assert len(epochs[0]) == len(epochs[1]) > 6 and epochs[0] != epochs[1]
+    steps = len(epochs[0]) + into_second_epoch  # stop there, with a checkpoint (0: at the end of epoch 0)
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=steps)
+    stopped = fit(tmp_path, tokenizer, tmp_path, max_steps=steps, enable_checkpointing=True,
+                  callbacks=[checkpoint])
+    assert stopped == whole[:steps]
+    (path,) = (tmp_path / "ckpt").glob(f"*step={steps}.ckpt")
+    resumed = fit(tmp_path, tokenizer, tmp_path, ckpt_path=path)
+    assert stopped + resumed == whole
+
+
 def test_inspect_command(demo_root):
     result = subprocess.run(
-        [sys.executable, "-m", "asr.data", "inspect", "experiment=demo", f"data.root={demo_root}", "data.demo_corpus=null"],
+        [sys.executable, "-m", "asr.data", "inspect", "experiment=demo", f"data.root={demo_root}",
+         "data.demo_corpus=null"],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "train: " in result.stdout and "8 speakers" in result.stdout
     assert "test-unseen: 16 utterances" in result.stdout and "2 speakers" in result.stdout
     assert "skipped: 0" in result.stdout
+
+
+def test_inspect_an_archive_lists_its_skips(tmp_path):
+    write_corpus(tmp_path / "src")
+    make_archive(tmp_path / "src", "dev-clean", tmp_path / "dev-clean.tar.gz")
+    result = subprocess.run(
+        [sys.executable, "-m", "asr.data", "inspect", f"data.root={tmp_path}",
+         "data.train_splits=[dev-clean]", "data.val_splits=[]", "data.test_splits=[]"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"dev-clean: {len(USABLE) - 1} utterances" in result.stdout
+    assert "dev-clean.tar.gz" in result.stdout
+    assert f"skipped: {5 + len(CHECK_PROBLEMS) + 1} " in result.stdout
+    assert "'label longer than the output frames': 1" in result.stdout

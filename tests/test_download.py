@@ -1,4 +1,4 @@
-"""Download against a local HTTP server (127.0.0.1) that serves archives generated here, with Range support."""
+"""Download against a local HTTP server (127.0.0.1) serving archives generated here, with Range support."""
 
 import hashlib
 import http.server
@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from asr.data.download import download_split, fetch
-from asr.data.librispeech import read_split
+from asr.data.librispeech import scan_directory, split_dir
 from tests.conftest import write_flac
 
 
@@ -48,7 +48,8 @@ def make_archive(tmp_path, split="dev-clean") -> bytes:
     chapter = tree / "LibriSpeech" / split / "1272" / "128104"
     write_flac(chapter / "1272-128104-0000.flac", 1.2)
     write_flac(chapter / "1272-128104-0001.flac", 0.8)
-    (chapter / "1272-128104.trans.txt").write_text("1272-128104-0000 MISTER QUILTER\n1272-128104-0001 NOR IS IT\n")
+    lines = "1272-128104-0000 MISTER QUILTER\n1272-128104-0001 NOR IS IT\n"
+    (chapter / "1272-128104.trans.txt").write_text(lines)
     archive = tmp_path / f"{split}.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tree / "LibriSpeech", arcname="LibriSpeech")
@@ -67,10 +68,10 @@ def test_download_resumes_checks_md5_and_extracts(server, tmp_path):
 
     assert RangeHandler.ranges == ["bytes=1000-"]
     assert (root / "dev-clean.tar.gz").read_bytes() == body
-    utterances, skipped = read_split(root, "dev-clean")
+    utterances, problems = scan_directory(split_dir(root, "dev-clean"))
     assert [(u.id, u.transcript) for u in utterances] == [
         ("1272-128104-0000", "MISTER QUILTER"), ("1272-128104-0001", "NOR IS IT")]
-    assert not skipped
+    assert not problems
 
 
 def test_md5_mismatch_is_an_error_and_removes_the_download(server, tmp_path):

@@ -1,43 +1,138 @@
-import pytest
+"""The folder reader, split names, sources and the checks that make an utterance usable. The mini corpus built
+here (every kind of bad input) is shared with the archive, manifest and DataModule tests."""
 
-from asr.data.librispeech import DataError, read_split
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from asr.data.dataset import Checks
+from asr.data.librispeech import DataError, Problem, apply_policy, locate, parts, scan_directory
 from tests.conftest import write_flac
 
+# Usable utterances of the mini corpus: id -> transcript. 174-50561-0002 is truncated (its header reads, its
+# audio does not decode); 174-50561-0006 has more letters than a 0.3 s clip has CTC frames (kept for
+# evaluation).
+USABLE = {
+    "84-121123-0000": "GO DO YOU HEAR",
+    "84-121123-0001": "BUT IN LESS THAN FIVE MINUTES",
+    "174-50561-0000": "FORGOTTEN TOO THE NAME OF GILLIAN",
+    "174-50561-0002": "A TRUNCATED FILE",
+    "174-50561-0006": "A SENTENCE FAR TOO LONG FOR A THIRD OF A SECOND",
+}
+SOURCE_PROBLEMS = {  # found by scanning transcripts and headers: id (or file) -> reason
+    "84-121123-0002": "audio without transcript",
+    "84-121123-0003": "empty transcript",
+    "84-121123.trans.txt": "transcript without audio",
+    "174-50561-0001": "unreadable audio",
+    "2-3-0000": "audio without transcript",
+}
+CHECK_PROBLEMS = {  # found by Checks.problem
+    "174-50561-0003": "wrong sample rate",
+    "174-50561-0004": "shorter than the receptive field",
+    "174-50561-0005": "characters outside the vocabulary",
+}
 
-def make_tree(root):
-    split = root / "LibriSpeech" / "dev-clean"
-    write_flac(split / "84" / "121123" / "84-121123-0000.flac", 1.0)
-    write_flac(split / "84" / "121123" / "84-121123-0001.flac", 2.5)
-    write_flac(split / "84" / "121123" / "84-121123-0002.flac", 0.5)  # no transcript line
-    (split / "84" / "121123" / "84-121123.trans.txt").write_text(
-        "84-121123-0000 GO DO YOU HEAR\n84-121123-0001 BUT IN LESS THAN FIVE MINUTES\n84-121123-0009 MISSING AUDIO\n"
+
+def write_corpus(root: Path, split: str = "dev-clean") -> Path:
+    """A mini LibriSpeech split with one utterance for every kind of bad input."""
+    folder = root / "LibriSpeech" / split
+    chapter = folder / "84" / "121123"
+    write_flac(chapter / "84-121123-0000.flac", 1.0)
+    write_flac(chapter / "84-121123-0001.flac", 2.5)
+    write_flac(chapter / "84-121123-0002.flac", 0.5)
+    write_flac(chapter / "84-121123-0003.flac", 0.7)
+    (chapter / "84-121123.trans.txt").write_text(
+        f"84-121123-0000 {USABLE['84-121123-0000']}\n84-121123-0001 {USABLE['84-121123-0001']}\n"
+        "84-121123-0003\n84-121123-0009 MISSING AUDIO\n"
     )
-    write_flac(split / "174" / "50561" / "174-50561-0000.flac", 1.5)
-    (split / "174" / "50561" / "174-50561-0001.flac").write_bytes(b"fLaC not really")
-    (split / "174" / "50561" / "174-50561.trans.txt").write_text(
-        "174-50561-0000 FORGOTTEN TOO THE NAME OF GILLIAN\n174-50561-0001 A CORRUPT FILE\n"
+    chapter = folder / "174" / "50561"
+    write_flac(chapter / "174-50561-0000.flac", 1.5)
+    (chapter / "174-50561-0001.flac").write_bytes(b"fLaC not really")
+    write_flac(chapter / "174-50561-0002.flac", 2.0)
+    whole = (chapter / "174-50561-0002.flac").read_bytes()
+    (chapter / "174-50561-0002.flac").write_bytes(whole[: len(whole) // 2])
+    write_flac(chapter / "174-50561-0003.flac", 1.0, rate=8_000)
+    sf.write(chapter / "174-50561-0004.flac", np.zeros(100, np.float32), 16_000, format="FLAC")
+    write_flac(chapter / "174-50561-0005.flac", 1.0)
+    write_flac(chapter / "174-50561-0006.flac", 0.3)
+    (chapter / "174-50561.trans.txt").write_text(
+        f"174-50561-0000 {USABLE['174-50561-0000']}\n174-50561-0001 A CORRUPT FILE\n"
+        f"174-50561-0002 {USABLE['174-50561-0002']}\n174-50561-0003 EIGHT KILOHERTZ\n"
+        "174-50561-0004 TOO SHORT\n"
+        f"174-50561-0005 CAFÉ NOIR\n174-50561-0006 {USABLE['174-50561-0006']}\n"
     )
-    return split
+    write_flac(folder / "2" / "3" / "2-3-0000.flac", 1.0)  # a chapter without any transcript file
+    return folder
 
 
-def test_reads_utterances_and_counts_every_problem(tmp_path):
-    make_tree(tmp_path)
-    utterances, skipped = read_split(tmp_path, "dev-clean")
-    assert [u.id for u in utterances] == ["174-50561-0000", "84-121123-0000", "84-121123-0001"]
-    first = utterances[1]
-    assert first.transcript == "GO DO YOU HEAR"
-    assert first.speaker == "84"
-    assert first.duration == pytest.approx(1.0)
-    assert first.sample_rate == 16_000
-    assert skipped == {"audio without transcript": 1, "transcript without audio": 1, "unreadable audio": 1}
+def make_archive(root: Path, split: str, archive: Path, transcripts_first: bool = False) -> Path:
+    """``root/LibriSpeech/<split>`` as an OpenSLR-style ``.tar.gz``; by default every transcript comes after
+    the audio of its chapter."""
+    files = sorted(p for p in (root / "LibriSpeech" / split).rglob("*") if p.is_file())
+    files.sort(key=lambda p: (p.parent, p.name.endswith(".trans.txt") != transcripts_first))
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in files:
+            tar.add(path, arcname=str(path.relative_to(root)))
+    return archive
 
 
-def test_raise_policy_names_the_file(tmp_path):
-    make_tree(tmp_path)
-    with pytest.raises(DataError, match=r"174-50561-0001\.flac: cannot read audio header"):
-        read_split(tmp_path, "dev-clean", on_error="raise")
+def key(problem: Problem) -> str:
+    return Path(problem.where.rpartition(":")[2]).name.removesuffix(".flac")
 
 
-def test_missing_split_is_a_clear_error(tmp_path):
+def test_scan_finds_every_utterance_and_problem(tmp_path):
+    utterances, problems = scan_directory(write_corpus(tmp_path))
+    expected_ids = sorted([*USABLE, *CHECK_PROBLEMS])
+    assert [u.id for u in utterances] == expected_ids
+    assert {u.id: u.transcript for u in utterances if u.id in USABLE} == USABLE
+    first = next(u for u in utterances if u.id == "84-121123-0000")
+    assert (first.speaker, first.duration, first.sample_rate, first.num_samples) == ("84", 1.0, 16000, 16000)
+    assert {key(p): p.reason for p in problems} == SOURCE_PROBLEMS
+    assert all(Path(p.where.rpartition(":")[2]).exists() or "*" in p.where for p in problems)
+
+
+def test_checks_name_the_reason(tmp_path, tokenizer):
+    utterances, _ = scan_directory(write_corpus(tmp_path))
+    checks = Checks(tokenizer)
+    found = {u.id: checks.problem(u, for_training=True) for u in utterances}
+    assert {i: p.reason for i, p in found.items() if p} == {
+        **CHECK_PROBLEMS, "174-50561-0006": "label longer than the output frames"}
+    assert checks.problem(next(u for u in utterances if u.id == "174-50561-0006"), for_training=False) is None
+    resampling = Checks(tokenizer, resample=True)
+    eight_khz = next(u for u in utterances if u.id == "174-50561-0003")
+    assert resampling.problem(eight_khz, for_training=True) is None
+    assert "8000 Hz" in found["174-50561-0003"].detail
+
+
+def test_policy_raises_with_the_file_or_counts(tmp_path):
+    _, problems = scan_directory(write_corpus(tmp_path))
+    assert apply_policy(problems, "skip") == {"audio without transcript": 2, "empty transcript": 1,
+                                              "transcript without audio": 1, "unreadable audio": 1}
+    with pytest.raises(DataError, match=r"2-3-0000\.flac: audio without transcript \(no line for 2-3-0000 "):
+        apply_policy(problems, "raise")
+
+
+def test_sources_and_split_names(tmp_path):
+    assert parts("train-960") == ("train-clean-100", "train-clean-360", "train-other-500")
+    assert parts("dev-clean") == ("dev-clean",)
     with pytest.raises(FileNotFoundError, match="test-other"):
-        read_split(tmp_path, "test-other")
+        locate(tmp_path, "test-other")
+    (tmp_path / "test-other.tar.gz").write_bytes(b"")
+    assert locate(tmp_path, "test-other") == str(tmp_path / "test-other.tar.gz")
+    (tmp_path / "LibriSpeech" / "test-other").mkdir(parents=True)
+    assert locate(tmp_path, "test-other") == str(tmp_path / "LibriSpeech" / "test-other")
+    url = locate(tmp_path, "test-other", "https://example.org/12/")
+    assert url == "https://example.org/12/test-other.tar.gz"
+
+
+def test_decoding_resamples_when_asked(tmp_path, tokenizer):
+    utterances, _ = scan_directory(write_corpus(tmp_path))
+    eight_khz = next(u for u in utterances if u.id == "174-50561-0003")
+    audio = Checks(tokenizer, resample=True).decode(eight_khz, eight_khz.path)
+    assert audio.shape == (16_000,) and abs(float(audio.mean())) < 1e-4 and abs(float(audio.std()) - 1) < 1e-3
+    truncated = next(u for u in utterances if u.id == "174-50561-0002")
+    with pytest.raises(DataError, match=r"174-50561-0002\.flac: undecodable audio"):
+        Checks(tokenizer).decode(truncated, truncated.path)

@@ -57,3 +57,185 @@ def test_padding_invariance(tokenizer):
 def test_random_init_needs_a_model_type(tokenizer):
     with pytest.raises(ValueError, match="model_type"):
         make_module(tokenizer, config={"hidden_size": 32})
+
+
+# ------------------------------------------------------------------------------------------- speed switches
+
+FAST = {**TINY_HUBERT, "feat_extract_norm": "layer", "do_stable_layer_norm": True, "attention_dropout": 0.0,
+        "layerdrop": 0.0}
+
+
+def padded(lengths, seed=0):
+    """A zero-padded batch of random audio of these lengths (samples), as collate makes it."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths)
+    audio = torch.randn(len(lengths), int(lengths.max()), generator=generator)
+    mask = torch.arange(audio.shape[1])[None, :] < lengths[:, None]
+    return audio * mask, mask
+
+
+def test_time_mask_has_the_span_semantics_of_transformers():
+    from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
+
+    from asr.speedups import time_mask
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([400, 250, 90, 5])
+    frames, prob, span, min_masks, draws = 400, 0.05, 10, 2, 400
+    masks = torch.stack([time_mask(lengths, frames, prob, span, min_masks) for _ in range(draws)])
+    assert masks.shape == (draws, 4, frames) and masks.dtype == torch.bool
+    # Never on padding; nothing on an utterance shorter than a span.
+    valid = torch.arange(frames)[None, :] < lengths[:, None]
+    assert not (masks & ~valid).any()
+    assert not masks[:, 3].any()
+    # Whole spans only: every masked run is at least `span` frames long.
+    for row in masks[:50, :3].reshape(-1, frames):
+        edges = torch.diff(torch.cat([torch.tensor([0]), row.int(), torch.tensor([0])]))
+        runs = (edges == -1).nonzero()[:, 0] - (edges == 1).nonzero()[:, 0]
+        assert (runs >= span).all()
+    # min_masks distinct spans even where prob * length / span < 1.
+    assert (masks[:, 2].sum(-1) > span).all()
+    # The masked fraction per utterance is transformers' own (which it draws with numpy on the host).
+    ours = masks.float().sum(-1).mean(0) / lengths
+    attention = valid.long().numpy()
+    draw = functools.partial(_compute_mask_indices, (4, frames), prob, span,
+                             attention_mask=torch.from_numpy(attention), min_masks=min_masks)
+    theirs = sum(draw() for _ in range(draws)).sum(-1) / draws / lengths.numpy()
+    torch.testing.assert_close(ours[:3], torch.from_numpy(theirs[:3]).float(), atol=0.012, rtol=0)
+    assert 0.035 < ours[0] < 0.055  # about mask_time_prob, less the overlaps
+
+
+def test_device_specaugment_masks_valid_frames_with_the_learned_embedding(tokenizer):
+    config = {**FAST, "mask_time_prob": 0.5, "mask_time_length": 2}
+    module = make_module(tokenizer, config=config).train()
+    base = module.backbone.base_model
+    hidden = torch.randn(2, 30, TINY_HUBERT["hidden_size"])
+    frame_mask = torch.arange(30)[None, :] < torch.tensor([[30], [12]])
+    out = base._mask_hidden_states(hidden.clone(), attention_mask=frame_mask)
+    changed = (out != hidden).any(-1)
+    assert changed[:, :12].any() and not changed[1, 12:].any()
+    torch.testing.assert_close(out[changed], base.masked_spec_embed.expand(int(changed.sum()), -1))
+    # Training steps get masks from the module (with the frames of each utterance), evaluation none.
+    audio, mask = padded([16000, 6000])
+    logits, lengths = module(audio, mask)
+    logits.sum().backward()
+    assert base.masked_spec_embed.grad is not None and base.masked_spec_embed.grad.abs().sum() > 0
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module(audio, mask)[0], module(audio, mask)[0])
+
+
+@pytest.mark.parametrize(
+    ("model_type", "stable"), [("hubert", True), ("hubert", False), ("wav2vec2", True), ("wav2vec2", False)]
+)
+def test_packed_encoder_gives_the_padded_results(tokenizer, model_type, stable):
+    """The layers on the valid frames only, packed: the same logits, and the same gradients, as padded."""
+    torch.manual_seed(0)
+    config = {**FAST, "model_type": model_type, "do_stable_layer_norm": stable,
+              "feat_extract_norm": "layer" if stable else "group"}
+    module = make_module(tokenizer, config=config, packed=True, freeze_feature_encoder=False).eval()
+    assert module.backbone.config._attn_implementation == "asr_packed"
+    audio, mask = padded([16000, 9000, 4321])
+    packed_logits, lengths = module(audio, mask)
+    padded_logits = module.backbone(audio, attention_mask=mask).logits  # no packing set: transformers' path
+    for k, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(packed_logits[k, :n], padded_logits[k, :n], atol=1e-4, rtol=1e-4)
+    weight = module.backbone.base_model.encoder.layers[0].attention.q_proj.weight
+    grads = []
+    for logits in (packed_logits, padded_logits):
+        module.zero_grad()
+        sum(logits[k, :n].log_softmax(-1)[:, 5].sum() for k, n in enumerate(lengths.tolist())).backward(
+            retain_graph=True)
+        grads.append(weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-3)
+
+
+def test_packed_rejects_attention_dropout_and_unsupported_models(tokenizer):
+    with pytest.raises(ValueError, match="attention_dropout"):
+        make_module(tokenizer, config={**FAST, "attention_dropout": 0.1}, packed=True)
+    with pytest.raises(ValueError, match="wavlm"):
+        make_module(tokenizer, config={**FAST, "model_type": "wavlm"}, packed=True)
+
+
+def test_packed_training_forward_reads_nothing_back_from_the_device(tokenizer):
+    """On the meta device a tensor has no values: a forward+backward that runs there never waits for the GPU.
+
+    The packing is computed from the host's attention mask before the batch moves (on_before_batch_transfer).
+    transformers' padded path does read values back (its attention-mask check and its numpy SpecAugment).
+    """
+    config = {**FAST, "mask_time_prob": 0.3, "mask_time_length": 2}
+    audio, mask = padded([16000, 9000])
+    for packed, works in ((True, True), (False, False)):
+        module = make_module(tokenizer, config=config, packed=packed, freeze_feature_encoder=False).train()
+        batch = module.on_before_batch_transfer({"input_values": audio, "attention_mask": mask}, 0)
+        packing = batch.get("packing")
+        module.to("meta")
+        meta_packing = packing.to("meta") if packing is not None else None
+
+        def step(module=module, meta_packing=meta_packing):
+            logits, _ = module(audio.to("meta"), mask.to("meta"), meta_packing)
+            logits.float().log_softmax(-1).sum().backward()
+            return logits
+
+        if works:
+            assert step().shape[:2] == (2, 799)
+            assert module.backbone.base_model.masked_spec_embed.grad is not None
+        else:
+            with pytest.raises((RuntimeError, NotImplementedError)):
+                step()
+
+
+def test_regional_compile_keeps_parameter_names_and_results(tokenizer):
+    torch.manual_seed(0)
+    eager = make_module(tokenizer, config=FAST).eval()
+    compiled = make_module(tokenizer, config=FAST, compile="layers",
+                           compile_options={"backend": "aot_eager", "dynamic": True}).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.configure_model()
+    assert compiled.compiled == ["layers (2 modules)"]
+    assert all(layer._compiled_call_impl is not None for layer in compiled.backbone.base_model.encoder.layers)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    for lengths in ([16000, 9000], [7000, 6500, 3000]):
+        audio, mask = padded(lengths)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(audio, mask)[0], eager(audio, mask)[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="model.compile"):
+        make_module(tokenizer, config=FAST, compile="everything").configure_model()
+
+
+def test_sync_free_logging_logs_the_mean_loss_with_a_fused_clipped_optimizer(tokenizer, tmp_path):
+    """bf16-mixed + fused AdamW + gradient clipping (which Lightning alone refuses), logging every 2 steps."""
+    import csv
+
+    import lightning as L
+
+    torch.manual_seed(0)
+    module = SpeechRecognizer(
+        tokenizer=tokenizer, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, fused=True), config=FAST,
+    )
+    batches = []
+    for seed in range(4):
+        audio, mask = padded([8000, 6000], seed=seed)
+        batches.append({"input_values": audio, "attention_mask": mask,
+                        "labels": torch.tensor([[5, 6], [7, -100]]), "label_lengths": torch.tensor([2, 1]),
+                        "ids": ["a", "b"], "texts": ["ET", "A"]})
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", gradient_clip_val=1e-3, max_steps=4,
+                        log_every_n_steps=2, logger=logger, callbacks=[Record()], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    before = module.backbone.lm_head.weight.detach().clone()
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    # Clipping to a norm of 1e-3 keeps the first Adam steps (size ~lr each) but they did happen.
+    assert not torch.equal(before, module.backbone.lm_head.weight)
+    rows = [r for r in csv.DictReader(open(logger.log_dir + "/metrics.csv")) if r.get("train/loss")]
+    # Written at steps 1 and 3, each the mean loss of the steps since the previous write.
+    assert [int(r["step"]) for r in rows] == [1, 3]
+    expected = [(losses[0] + losses[1]) / 2, (losses[2] + losses[3]) / 2]
+    assert [float(r["train/loss"]) for r in rows] == pytest.approx(expected, rel=1e-5)
+    assert trainer.progress_bar_metrics["train/loss"] == pytest.approx(expected[-1], rel=1e-5)

@@ -26,9 +26,13 @@ def metrics_of(cwd):
     return json.loads(path.read_text())
 
 
+def demo_run(root):
+    """The demo experiment on the small fixture corpus (read as a plain tree, not rebuilt), for one batch."""
+    return ["experiment=demo", f"data.root={root}", "data.demo_corpus=null", "trainer.fast_dev_run=true", *TINY_MODEL]
+
+
 def test_fast_dev_run(demo_root, tmp_path):
-    result = run_train("experiment=demo", f"data.root={demo_root}", "trainer.fast_dev_run=true", *TINY_MODEL,
-                       cwd=tmp_path)
+    result = run_train(*demo_run(demo_root), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = metrics_of(tmp_path)
     for key in ("test/wer", "test/cer", "test/test-seen/wer", "test/test-unseen/wer", "val/wer", "train/loss"):
@@ -37,8 +41,7 @@ def test_fast_dev_run(demo_root, tmp_path):
 
 
 def test_runs_without_a_logger(demo_root, tmp_path):
-    result = run_train("experiment=demo", f"data.root={demo_root}", "trainer.fast_dev_run=true", "~logger",
-                       *TINY_MODEL, cwd=tmp_path)
+    result = run_train(*demo_run(demo_root), "~logger", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not list(tmp_path.glob("outputs/*/*/csv"))
     assert "test/wer" in metrics_of(tmp_path)

@@ -1,6 +1,7 @@
 """Data commands, configured like training: ``python -m asr.data {inspect,download} [key=value ...]``.
 
-- ``inspect``: per split, utterances, hours, speakers, duration range, character set and skipped items.
+- ``inspect``: per split, its source, utterances, hours, speakers, duration range, character set and
+  skipped items (from the split's manifests, scanned first if needed).
 - ``download``: fetch and extract the OpenSLR archives of the configured splits into ``data.root``.
 """
 
@@ -16,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from asr.data.download import download_split
+from asr.data.librispeech import parts
 from asr.data.text import CharTokenizer, normalize
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -25,17 +27,17 @@ def inspect(cfg: DictConfig) -> None:
     datamodule = instantiate(cfg.data, tokenizer=CharTokenizer(), _convert_="all")
     datamodule.prepare_data()
     for split in dict.fromkeys([*datamodule.train_splits, *datamodule.val_splits, *datamodule.test_splits]):
-        utterances = datamodule.load_split(split, for_training=split in datamodule.train_splits)
-        durations = [u.duration for u in utterances]
+        utterances, skipped = datamodule.load_split(split, for_training=split in datamodule.train_splits)
+        durations = [u.duration for u in utterances] or [0.0]
         characters = "".join(sorted({c for u in utterances for c in normalize(u.transcript)}))
-        skipped = {k.split("/", 1)[1]: n for k, n in datamodule.skipped.items() if k.startswith(f"{split}/")}
         print(
             f"{split}: {len(utterances)} utterances, {sum(durations) / 3600:.2f} h, "
             f"{len({u.speaker for u in utterances})} speakers\n"
+            f"  from: {', '.join(datamodule.locations(split))}\n"
             f"  duration min/mean/max: {min(durations):.2f} / {statistics.mean(durations):.2f} / "
             f"{max(durations):.2f} s\n"
             f"  characters: {characters!r}\n"
-            f"  skipped: {sum(skipped.values())} {skipped if skipped else ''}"
+            f"  skipped: {sum(skipped.values())} {dict(skipped) if skipped else ''}"
         )
 
 
@@ -43,8 +45,9 @@ def download(cfg: DictConfig) -> None:
     data = cfg.data
     if data.get("demo_corpus") is not None:
         raise SystemExit("data=demo is synthesised locally; there is nothing to download")
-    for split in dict.fromkeys([*data.train_splits, *data.val_splits, *data.test_splits]):
-        print(download_split(split, data.root))
+    splits = [*data.train_splits, *data.val_splits, *data.test_splits]
+    for part in dict.fromkeys(part for split in splits for part in parts(split)):
+        print(download_split(part, data.root))
 
 
 COMMANDS = {"inspect": inspect, "download": download}

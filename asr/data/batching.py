@@ -1,23 +1,61 @@
-"""Duration-aware batch sampling that is deterministic, shards across ranks and can resume mid-epoch."""
+"""Duration-bucketed batching: a sampler over a manifest (deterministic, rank-sharded, resumable), and
+bucketing of a stream within a bounded buffer."""
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 from torch.utils.data import Sampler
+
+T = TypeVar("T")
+
+# Shuffling moves each utterance at most this fraction of the utterances away from its place in the duration
+# order: batch members change every epoch while durations within a batch stay close. On LibriSpeech-like
+# durations this keeps padding efficiency above 0.98 from 5 to 100 hours (a 10% duration jitter gave 0.96).
+SHUFFLE_WINDOW = 0.01
+
+
+def cut_batches(order: Sequence[int], durations: Sequence[float], batch_size: int | None,
+                max_batch_seconds: float | None) -> list[list[int]]:
+    """Cut ``order`` (indices, by increasing duration) into batches of ``batch_size`` utterances or of at most
+    ``max_batch_seconds`` padded seconds (``len(batch) * longest``)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0.0
+    for i in order:
+        d = durations[i]
+        if batch_size is not None:
+            full = len(current) == batch_size
+        else:
+            full = (len(current) + 1) * max(longest, d) > max_batch_seconds
+        if current and full:
+            batches.append(current)
+            current, longest = [], 0.0
+        current.append(i)
+        longest = max(longest, d)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _check_budget(batch_size: int | None, max_batch_seconds: float | None) -> None:
+    if (batch_size is None) == (max_batch_seconds is None):
+        raise ValueError("set exactly one of batch_size and max_batch_seconds")
 
 
 class DurationBatchSampler(Sampler[list[int]]):
     """Batches of similar-length utterances, by total padded seconds or by a fixed count.
 
-    Utterances are sorted by duration (with a small random jitter when shuffling, so buckets change between
-    epochs), cut into batches whose padded length ``len(batch) * longest`` stays within ``max_batch_seconds``
-    (or that hold ``batch_size`` utterances), and the batch order is shuffled with ``seed + epoch``.
-    Batch ``i`` goes to rank ``i % world_size``. For training (``drop_uneven=True``) the few batches that would
-    leave ranks unequal are dropped for that epoch, so no rank waits at the end; for evaluation every
-    utterance is kept and ranks may differ by one batch.
+    Utterances are ordered by duration (shuffled within a ``SHUFFLE_WINDOW`` when shuffling), cut into
+    batches, and the batch order is shuffled with ``seed + epoch``. Batch ``i`` goes to rank
+    ``i % world_size``. For training (``drop_uneven=True``) the few batches that would leave ranks unequal are
+    dropped for that epoch, so no rank waits at the end; for evaluation every utterance is kept and ranks may
+    differ by one batch.
+    ``set_epoch(epoch, start)`` makes the passes that follow begin at batch ``start`` of that epoch (a resumed
+    run); ``len()`` stays the epoch's full count.
     """
 
     def __init__(
@@ -31,8 +69,7 @@ class DurationBatchSampler(Sampler[list[int]]):
         world_size: int = 1,
         drop_uneven: bool = True,
     ) -> None:
-        if (batch_size is None) == (max_batch_seconds is None):
-            raise ValueError("set exactly one of batch_size and max_batch_seconds")
+        _check_budget(batch_size, max_batch_seconds)
         too_long = [d for d in durations if max_batch_seconds is not None and d > max_batch_seconds]
         if too_long:
             raise ValueError(
@@ -48,37 +85,19 @@ class DurationBatchSampler(Sampler[list[int]]):
         self.world_size = world_size
         self.drop_uneven = drop_uneven
         self.epoch = 0
-        self._start = 0  # where the next pass starts (set by load_state_dict)
-        self._consumed = 0  # batches of this epoch handed out on this rank
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self._start, self._consumed = epoch, 0, 0
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def _all_batches(self) -> list[list[int]]:
         rng = random.Random(self.seed + self.epoch)
+        order = sorted(range(len(self.durations)), key=self.durations.__getitem__)
         if self.shuffle:
-            # Jitter of up to 10% keeps batches length-homogeneous while changing their members each epoch.
-            order = sorted(range(len(self.durations)), key=lambda i: self.durations[i] * (1 + 0.1 * rng.random()))
-        else:
-            order = sorted(range(len(self.durations)), key=lambda i: self.durations[i])
-        batches: list[list[int]] = []
-        current: list[int] = []
-        longest = 0.0
-        for i in order:
-            d = self.durations[i]
-            full = (
-                len(current) == self.batch_size
-                if self.batch_size is not None
-                else (len(current) + 1) * max(longest, d) > self.max_batch_seconds
-            )
-            if current and full:
-                batches.append(current)
-                current, longest = [], 0.0
-            current.append(i)
-            longest = max(longest, d)
-        if current:
-            batches.append(current)
+            window = SHUFFLE_WINDOW * len(order)
+            keys = [(place + window * rng.random(), i) for place, i in enumerate(order)]
+            order = [i for _, i in sorted(keys)]
+        batches = cut_batches(order, self.durations, self.batch_size, self.max_batch_seconds)
         if self.shuffle:
             rng.shuffle(batches)
         if self.drop_uneven:
@@ -86,12 +105,7 @@ class DurationBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        mine = self._all_batches()[self.rank :: self.world_size]
-        # A resumed position applies to one pass only; consumers may stop early (Lightning stops at len()).
-        start, self._start = self._start, 0
-        for position in range(start, len(mine)):
-            self._consumed = position + 1
-            yield mine[position]
+        yield from self._all_batches()[self.rank :: self.world_size][self.start :]
 
     def __len__(self) -> int:
         total = len(self._all_batches())
@@ -99,8 +113,56 @@ class DurationBatchSampler(Sampler[list[int]]):
             return total // self.world_size
         return math.ceil(max(0, total - self.rank) / self.world_size)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "start": self._consumed}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self._start = state["epoch"], state["start"]
+# In a stream, a batch padded worse than this waits in the buffer for utterances of similar length (while
+# they take up at most half of it): 0.976 instead of 0.963 efficiency with 500-utterance buffers, 0.987
+# instead of 0.978 with 1000, on LibriSpeech-like durations.
+STREAM_MIN_EFFICIENCY = 0.97
+
+
+def bucket_stream(items: Iterable[T], duration: Callable[[T], float], batch_size: int | None,
+                  max_batch_seconds: float | None, buffer_size: int,
+                  rng: random.Random | None = None) -> Iterator[list[T]]:
+    """Batches of similar-length items from a stream: fill a buffer, sort it, cut it into batches, emit them
+    (see ``STREAM_MIN_EFFICIENCY`` for those that wait).
+
+    With ``rng`` (training) the buffer is emptied at a random fill between half and all of ``buffer_size``, so
+    batches differ between epochs, and its batches come out in random order; without, shortest first.
+    """
+    _check_budget(batch_size, max_batch_seconds)
+
+    def limit() -> int:
+        return rng.randint(max(1, buffer_size // 2), buffer_size) if rng else buffer_size
+
+    def flush(buffer: list[T], final: bool) -> tuple[list[list[T]], list[T]]:
+        durations = [duration(item) for item in buffer]
+        order = sorted(range(len(buffer)), key=durations.__getitem__)
+        batches = cut_batches(order, durations, batch_size, max_batch_seconds)
+        waiting: list[int] = []
+        if not final:
+            ready = []
+            for batch in batches:
+                padded = len(batch) * max(durations[i] for i in batch)
+                good = sum(durations[i] for i in batch) >= STREAM_MIN_EFFICIENCY * padded
+                if good:
+                    ready.append(batch)
+                else:
+                    waiting.extend(batch)
+            if len(waiting) <= buffer_size // 2:
+                batches = ready
+            else:
+                waiting = []
+        if rng:
+            rng.shuffle(batches)
+        return [[buffer[i] for i in batch] for batch in batches], [buffer[i] for i in waiting]
+
+    buffer: list[T] = []
+    size = limit()
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            batches, buffer = flush(buffer, final=False)
+            yield from batches
+            size = limit()
+    if buffer:
+        yield from flush(buffer, final=True)[0]

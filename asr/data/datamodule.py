@@ -1,20 +1,44 @@
-"""The LightningDataModule: LibriSpeech (or the synthetic demo corpus) in, duration-bucketed batches out."""
+"""The LightningDataModule: LibriSpeech (folders or streamed archives) or the demo corpus in;
+duration-bucketed batches out, as many on every rank, resumable mid-epoch."""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
+from asr.data.archive import is_archive
 from asr.data.batching import DurationBatchSampler
-from asr.data.dataset import SpeechDataset, collate
+from asr.data.dataset import Checks, SpeechDataset, StreamDataset, collate, stream_shard_count
 from asr.data.demo import DemoCorpusConfig, build_demo_corpus
-from asr.data.librispeech import DataError, Utterance, read_split
+from asr.data.librispeech import DataError, Utterance, apply_policy, locate, parts
+from asr.data.manifest import Manifest, load_manifest
 from asr.data.text import CharTokenizer
 
 log = logging.getLogger(__name__)
+
+
+def _as_is(batch: dict) -> dict:
+    return batch
+
+
+class _TrainLoader(DataLoader):
+    """A DataLoader whose passes start where the DataModule says: Lightning tells the epoch only to plain
+    samplers, and a resumed run must skip the batches it has already trained on."""
+
+    def __init__(self, *args, position: Callable[[], tuple[int, int]], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.position = position
+
+    def __iter__(self) -> Iterator:
+        epoch, start = self.position()
+        (self.dataset if self.batch_sampler is None else self.batch_sampler).set_epoch(epoch, start)
+        return super().__iter__()
 
 
 class SpeechDataModule(L.LightningDataModule):
@@ -34,6 +58,14 @@ class SpeechDataModule(L.LightningDataModule):
         num_workers: int = 4,
         seed: int = 0,
         on_error: str = "skip",
+        resample: bool = False,
+        min_samples: int = 400,
+        frames_per_second: float = 50.0,
+        archive_url: str | None = None,
+        manifest_dir: str | None = None,
+        scan_workers: int = 8,
+        shuffle_buffer: int = 1000,
+        batches_per_epoch: int | None = None,
         demo_corpus: dict | None = None,
     ) -> None:
         super().__init__()
@@ -44,86 +76,157 @@ class SpeechDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
         self.batch_size, self.max_batch_seconds = batch_size, max_batch_seconds
         self.eval_batch_size, self.eval_max_batch_seconds = eval_batch_size, eval_max_batch_seconds
-        self.min_duration, self.max_duration = min_duration, max_duration
+        self.checks = Checks(tokenizer, resample=resample, min_samples=min_samples,
+                             frames_per_second=frames_per_second, min_duration=min_duration,
+                             max_duration=max_duration)
         self.num_workers = num_workers
         self.seed = seed
         self.on_error = on_error
+        self.archive_url = archive_url
+        self.manifest_dir = Path(manifest_dir or Path(root) / "manifests").expanduser()
+        self.scan_workers = scan_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.batches_per_epoch = batches_per_epoch
         self.demo_corpus = DemoCorpusConfig(**demo_corpus) if demo_corpus is not None else None
+        # "<split>/<reason>" -> skips: at setup, and while decoding (each epoch)
         self.skipped: Counter = Counter()
         self._utterances: dict[str, list[Utterance]] = {}
+        self._train_loader: DataLoader | None = None
+        self._position = {"epoch": 0, "batches": 0}  # training batches this rank has received in that epoch
+        self._epoch_skips: Counter = Counter()
+        self._skip_examples: dict[str, str] = {}
+        self._skip_key: tuple[str, int] | None = None
+
+    def locations(self, split: str) -> list[str]:
+        return [locate(self.root, part, self.archive_url) for part in parts(split)]
+
+    def is_stream(self, splits: list[str]) -> bool:
+        """Whether these splits come from archives (streamed) rather than folders (random access)."""
+        kinds = {is_archive(location) for split in splits for location in self.locations(split)}
+        if len(kinds) > 1:
+            raise ValueError(f"{splits} mix extracted folders and archives; extract all of them or none")
+        return kinds == {True}
+
+    def manifest(self, split: str, verify: bool = False) -> list[Manifest]:
+        """The manifests of a split's parts, scanned once and cached in ``manifest_dir``."""
+        return [load_manifest(location, self.manifest_dir / f"{part}.json", self.scan_workers, verify)
+                for part, location in zip(parts(split), self.locations(split), strict=True)]
+
+    def load_split(self, split: str, for_training: bool) -> tuple[list[Utterance], Counter]:
+        """The usable utterances of a split, from its manifests, and the unusable ones counted by reason;
+        under ``on_error="raise"`` the first unusable one raises a :class:`DataError` instead."""
+        utterances, skipped = [], Counter()
+        for manifest in self.manifest(split):
+            skipped.update(apply_policy(manifest.problems, self.on_error))
+            for utt in manifest.utterances:
+                problem = self.checks.problem(utt, for_training)
+                if problem is None:
+                    utterances.append(utt)
+                else:
+                    skipped.update(apply_policy([problem], self.on_error))
+        return utterances, skipped
+
+    def _all_splits(self) -> list[str]:
+        return list(dict.fromkeys([*self.train_splits, *self.val_splits, *self.test_splits]))
 
     def prepare_data(self) -> None:
+        """Build the demo corpus if configured, and scan the manifests that are missing or out of date (once
+        per node). Streamed splits need one only for training without ``batches_per_epoch``."""
         if self.demo_corpus is not None:
             build_demo_corpus(self.root, self.demo_corpus)
+        for split in self._all_splits():
+            needs_manifest = not self.is_stream([split]) or (
+                split in self.train_splits and self.batches_per_epoch is None)
+            if needs_manifest:
+                self.manifest(split, verify=True)
 
     def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": self.train_splits + self.val_splits, "validate": self.val_splits, "test": self.test_splits}
-        for split in wanted.get(stage, self.train_splits + self.val_splits + self.test_splits):
-            if split not in self._utterances:
-                self._utterances[split] = self.load_split(split, for_training=split in self.train_splits)
-
-    def load_split(self, split: str, for_training: bool) -> list[Utterance]:
-        """The usable utterances of a split; each skipped one is counted by reason in ``self.skipped``."""
-        utterances, skipped = read_split(self.root, split, self.on_error)
-        kept = []
-        for utt in utterances:
-            problem = self._problem(utt, for_training)
-            if problem is None:
-                kept.append(utt)
-            elif self.on_error == "raise":
-                raise DataError(f"{utt.path}: {problem[0]} ({problem[1]})")
-            else:
-                skipped[problem[0]] += 1
-        if skipped:
-            log.warning("%s: kept %d utterances, skipped %s", split, len(kept), dict(skipped))
-        self.skipped.update({f"{split}/{reason}": n for reason, n in skipped.items()})
-        return kept
-
-    def _problem(self, utt: Utterance, for_training: bool) -> tuple[str, str] | None:
-        """Why an utterance cannot be used, as (reason, detail), or None."""
-        # Checked before normalisation, which would strip such characters from the label silently.
-        unknown = self.tokenizer.unknown_characters(utt.transcript.upper().replace("-", " "))
-        if unknown:
-            return "characters outside the vocabulary", "".join(sorted(unknown))
-        if for_training and self.min_duration is not None and utt.duration < self.min_duration:
-            return "shorter than data.min_duration", f"{utt.duration:.2f} s"
-        if for_training and self.max_duration is not None and utt.duration > self.max_duration:
-            return "longer than data.max_duration", f"{utt.duration:.2f} s"
-        return None
-
-    def _loader(self, utterances: list[Utterance], sampler: DurationBatchSampler) -> DataLoader:
-        return DataLoader(
-            SpeechDataset(utterances, self.tokenizer),
-            batch_sampler=sampler,
-            collate_fn=collate,
-            num_workers=self.num_workers,
-            pin_memory=True,
-            persistent_workers=self.num_workers > 0,
-        )
+        wanted = {"fit": self.train_splits + self.val_splits, "validate": self.val_splits,
+                  "test": self.test_splits}
+        for split in wanted.get(stage, self._all_splits()):
+            if split in self._utterances:
+                continue
+            training = split in self.train_splits
+            if self.is_stream([split]):
+                if training and self.batches_per_epoch is None:  # to count batches; skips show per epoch
+                    self._utterances[split] = self.load_split(split, for_training=True)[0]
+                continue
+            utterances, skipped = self.load_split(split, for_training=training)
+            if not utterances:
+                raise DataError(f"{split}: no usable utterances in {self.locations(split)}, {dict(skipped)}")
+            if skipped:
+                log.warning("%s: %d utterances, skipped %s", split, len(utterances), dict(skipped))
+            self.skipped.update({f"{split}/{reason}": n for reason, n in skipped.items()})
+            self._utterances[split] = utterances
 
     def _rank_and_world(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
+    def _next_pass(self) -> tuple[int, int]:
+        """(epoch, batches to skip) for a training pass starting now. A position restored from an end-of-epoch
+        checkpoint is ahead of ``trainer.current_epoch`` until Lightning's loop catches up."""
+        epoch = max(self.trainer.current_epoch if self.trainer else 0, self._position["epoch"])
+        if epoch != self._position["epoch"]:
+            self._position = {"epoch": epoch, "batches": 0}
+        return epoch, self._position["batches"]
+
     def train_dataloader(self) -> DataLoader:
-        utterances = [u for split in self.train_splits for u in self._utterances[split]]
         rank, world = self._rank_and_world()
-        sampler = DurationBatchSampler(
-            [u.duration for u in utterances], self.batch_size, self.max_batch_seconds,
-            shuffle=True, seed=self.seed, rank=rank, world_size=world, drop_uneven=True,
+        options = dict(num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                       position=self._next_pass)
+        if self.is_stream(self.train_splits):
+            dataset = StreamDataset(
+                [location for split in self.train_splits for location in self.locations(split)], self.checks,
+                self.on_error, self.batch_size, self.max_batch_seconds, self.shuffle_buffer, self.seed, rank,
+                world, self.batches_per_epoch or self._stream_batches(world),
+            )
+            self._train_loader = _TrainLoader(dataset, batch_size=None, collate_fn=_as_is, **options)
+        else:
+            utterances = [u for split in self.train_splits for u in self._utterances[split]]
+            sampler = DurationBatchSampler(
+                [u.duration for u in utterances], self.batch_size, self.max_batch_seconds,
+                shuffle=True, seed=self.seed, rank=rank, world_size=world, drop_uneven=True,
+            )
+            self._train_loader = _TrainLoader(SpeechDataset(utterances, self.checks, self.on_error),
+                                              batch_sampler=sampler, collate_fn=collate,
+                                              persistent_workers=self.num_workers > 0, **options)
+        return self._train_loader
+
+    def _stream_batches(self, world: int) -> int:
+        """Batches per rank and epoch of a streamed train split: what its leanest (rank, worker) shard yields,
+        from the manifest, times the workers; so in epoch 0 no worker re-reads its shard."""
+        utterances = [u for split in self.train_splits for u in self._utterances[split]]
+        workers = max(1, self.num_workers)
+        shards = world * workers
+        leanest = min(
+            stream_shard_count(utterances, shard, shards, self.batch_size, self.max_batch_seconds,
+                               self.shuffle_buffer, self.seed)
+            for shard in range(shards)
         )
-        return self._loader(utterances, sampler)
+        if leanest == 0:
+            raise DataError(f"{self.train_splits}: too few usable utterances for {shards} stream shards")
+        return leanest * workers
 
     def _eval_loaders(self, splits: list[str]) -> list[DataLoader]:
         rank, world = self._rank_and_world()
         batch_size = self.eval_batch_size if self.eval_max_batch_seconds is None else None
+        options = dict(num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
         loaders = []
         for split in splits:
+            if self.is_stream([split]):
+                dataset = StreamDataset(self.locations(split), self.checks, self.on_error, batch_size,
+                                        self.eval_max_batch_seconds, self.shuffle_buffer, rank=rank,
+                                        world_size=world)
+                loaders.append(DataLoader(dataset, batch_size=None, collate_fn=_as_is, **options))
+                continue
             utterances = self._utterances[split]
             sampler = DurationBatchSampler(
                 [u.duration for u in utterances], batch_size, self.eval_max_batch_seconds,
                 shuffle=False, rank=rank, world_size=world, drop_uneven=False,
             )
-            loaders.append(self._loader(utterances, sampler))
+            dataset = SpeechDataset(utterances, self.checks, self.on_error)
+            loaders.append(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                      persistent_workers=self.num_workers > 0, **options))
         return loaders
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -131,3 +234,49 @@ class SpeechDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders(self.test_splits)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Count the training batches this rank received (its resume position), and decoding skips."""
+        stage = getattr(self.trainer.state.stage, "value", None) if self.trainer else "train"
+        epoch = self.trainer.current_epoch if self.trainer else self._position["epoch"]
+        if stage == "train":
+            if epoch != self._position["epoch"]:
+                self._position = {"epoch": epoch, "batches": 0}
+            self._position["batches"] += 1
+        if (stage, epoch) != self._skip_key:
+            self._log_skips()
+            self._skip_key = (stage, epoch)
+        if batch.get("skipped"):
+            if stage == "train":
+                split = "+".join(self.train_splits)
+            else:
+                split = (self.test_splits if stage == "test" else self.val_splits)[dataloader_idx]
+            for reason, where in batch["skipped"]:
+                self._epoch_skips[f"{split}/{reason}"] += 1
+                self._skip_examples.setdefault(reason, where)
+        return batch
+
+    def _log_skips(self) -> None:
+        """Log and keep the decoding skips of the stage and epoch that just ended."""
+        if not self._epoch_skips:
+            return
+        stage, epoch = self._skip_key
+        examples = "; ".join(f"{reason}: {where}" for reason, where in self._skip_examples.items())
+        log.warning("%s, epoch %d: skipped %d utterances while decoding: %s (e.g. %s)", stage, epoch,
+                    sum(self._epoch_skips.values()), dict(self._epoch_skips), examples)
+        self.skipped.update(self._epoch_skips)
+        self._epoch_skips.clear()
+        self._skip_examples.clear()
+
+    def teardown(self, stage: str) -> None:
+        self._log_skips()
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands on this rank (as on every rank): the epoch, and its batches trained on."""
+        epoch, done = self._position["epoch"], self._position["batches"]
+        if self._train_loader is not None and done >= len(self._train_loader):
+            return {"epoch": epoch + 1, "batches": 0}
+        return {"epoch": epoch, "batches": done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._position = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}

@@ -64,12 +64,14 @@ def fetch(url: str, target: Path, expected_md5: str) -> Path:
     actual = md5sum(partial)
     if actual != expected_md5:
         partial.unlink()
-        raise RuntimeError(f"{url}: MD5 {actual} does not match the published {expected_md5}; removed, run again")
+        raise RuntimeError(
+            f"{url}: MD5 {actual} does not match the published {expected_md5}; removed, run again")
     partial.rename(target)
     return target
 
 
-def download_split(split: str, root: str | Path, base_url: str = OPENSLR_URL, md5: dict[str, str] = MD5) -> Path:
+def download_split(split: str, root: str | Path, base_url: str = OPENSLR_URL,
+                   md5: dict[str, str] = MD5) -> Path:
     """Fetch and extract one split into ``root/LibriSpeech/<split>``; the archive is kept in ``root``."""
     if split not in md5:
         raise ValueError(f"unknown LibriSpeech split {split!r}; known: {', '.join(md5)}")

@@ -1,80 +1,179 @@
-"""Reading the LibriSpeech directory layout: ``<root>/LibriSpeech/<split>/<speaker>/<chapter>/*.flac``."""
+"""LibriSpeech records, split names and sources, and reading a split folder
+``<root>/LibriSpeech/<split>/<speaker>/<chapter>/``."""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
+from typing import NamedTuple
 
 import soundfile as sf
+from rich.console import Console
+from rich.progress import Progress
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000  # LibriSpeech, and what the pretrained encoders expect
+UNIONS = {"train-960": ("train-clean-100", "train-clean-360", "train-other-500")}
+
+
+def parts(split: str) -> tuple[str, ...]:
+    """The LibriSpeech parts (one folder or archive each) that a configured split name stands for."""
+    return UNIONS.get(split, (split,))
 
 
 @dataclass(frozen=True)
 class Utterance:
     id: str
-    path: str
+    path: str  # the audio file, or the archive that holds ``member``
     transcript: str
     speaker: str
-    duration: float
+    num_samples: int
     sample_rate: int
+    member: str | None = None  # the audio's name inside the archive ``path``
+    index: int = 0  # the audio's position among the archive's audio members, which picks its stream shard
+
+    @property
+    def duration(self) -> float:
+        return self.num_samples / self.sample_rate
+
+    @property
+    def where(self) -> str:
+        return self.path if self.member is None else f"{self.path}:{self.member}"
+
+
+class Problem(NamedTuple):
+    reason: str  # what skips are counted under
+    where: str  # the file or archive member
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason} ({self.detail})"
 
 
 class DataError(ValueError):
-    """An input file is unusable; the message names the file and the problem."""
+    """An input is unusable; the message names the file and the problem."""
+
+    # ``DataError(message)`` must do: DataLoader workers re-raise exceptions that way.
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    @classmethod
+    def of(cls, problem: Problem) -> DataError:
+        return cls(str(problem), problem.reason)
+
+
+def apply_policy(problems: list[Problem], on_error: str) -> Counter:
+    """Raise on the first problem (``on_error="raise"``), or count them by reason."""
+    if problems and on_error == "raise":
+        raise DataError.of(problems[0])
+    return Counter(p.reason for p in problems)
 
 
 def split_dir(root: str | Path, split: str) -> Path:
     return Path(root).expanduser() / "LibriSpeech" / split
 
 
-def read_split(root: str | Path, split: str, on_error: str = "skip") -> tuple[list[Utterance], Counter]:
-    """All utterances of one split, sorted by id, and the count of skipped items by reason.
+def locate(root: str | Path, part: str, archive_url: str | None = None) -> str:
+    """Where a part is read from: ``<archive_url>/<part>.tar.gz`` when that is set, else the folder
+    ``<root>/LibriSpeech/<part>/``, else the archive ``<root>/<part>.tar.gz``."""
+    if archive_url:
+        return f"{archive_url.rstrip('/')}/{part}.tar.gz"
+    directory = split_dir(root, part)
+    if directory.is_dir():
+        return str(directory)
+    archive = Path(root).expanduser() / f"{part}.tar.gz"
+    if archive.is_file():
+        return str(archive)
+    raise FileNotFoundError(f"LibriSpeech split {part!r} not found: neither {directory}/ nor {archive}")
 
-    With ``on_error="raise"`` the first problem raises a :class:`DataError` instead of being counted.
-    """
-    directory = split_dir(root, split)
+
+def parse_transcripts(text: str) -> dict[str, str]:
+    """``<id> <TRANSCRIPT>`` lines; an id with nothing after it maps to ``""``."""
+    pairs = (line.strip().partition(" ") for line in text.splitlines())
+    return {utt_id: words.strip() for utt_id, _, words in pairs if utt_id}
+
+
+def transcript_of(utt_id: str, where: str, transcripts: dict[str, str], trans_file: str) -> str | Problem:
+    """The transcript of the audio ``where``, or why it has none."""
+    text = transcripts.get(utt_id)
+    if text is None:
+        return Problem("audio without transcript", where, f"no line for {utt_id} in {trans_file}")
+    return text or Problem("empty transcript", where, f"the line for {utt_id} in {trans_file} is empty")
+
+
+def read_header(path: str) -> tuple[int, int] | str:
+    """(samples, sample rate) from the audio header alone, or why it cannot be read."""
+    try:
+        info = sf.info(path)
+    except (sf.LibsndfileError, RuntimeError) as err:
+        return str(err)
+    return info.frames, info.samplerate
+
+
+def progress_bar() -> Progress:
+    """A progress bar on stderr, shown on a terminal only (logs get a summary line), gone when done."""
+    console = Console(stderr=True)
+    return Progress(console=console, transient=True, disable=not console.is_terminal)
+
+
+def _read_headers(paths: list[str]) -> list[tuple[int, int] | str]:
+    return [read_header(p) for p in paths]
+
+
+_CHUNK = 500  # files per task of the parallel header scan
+_PARALLEL_FROM = 20_000  # files; fewer are read in a few seconds, faster than starting processes
+
+
+def read_headers(paths: list[str], workers: int, label: str) -> list[tuple[int, int] | str]:
+    """Headers of many files, in a process pool when there are enough of them, with a progress bar."""
+    chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
+    results: list[tuple[int, int] | str] = []
+    with progress_bar() as progress, ExitStack() as stack:
+        task = progress.add_task(f"Scanning {label}", total=len(paths))
+        mapped = map(_read_headers, chunks)
+        if workers > 1 and len(paths) >= _PARALLEL_FROM:
+            pool = ProcessPoolExecutor(min(workers, len(chunks)), mp_context=get_context("spawn"))
+            stack.enter_context(pool)
+            mapped = pool.map(_read_headers, chunks)
+        for chunk in mapped:
+            results.extend(chunk)
+            progress.advance(task, len(chunk))
+    return results
+
+
+def scan_directory(directory: str | Path, workers: int = 1) -> tuple[list[Utterance], list[Problem]]:
+    """A split folder's utterances, sorted by id, from transcripts and audio headers; and its problems."""
+    directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"LibriSpeech split {split!r} not found: {directory} is not a directory")
-    skipped: Counter = Counter()
-
-    def problem(reason: str, path: Path, detail: str) -> None:
-        if on_error == "raise":
-            raise DataError(f"{path}: {detail}")
-        skipped[reason] += 1
-        log.warning("skipping %s: %s", path, detail)
-
+        raise FileNotFoundError(f"LibriSpeech split not found: {directory} is not a directory")
+    matched: list[tuple[str, str, str]] = []
+    problems: list[Problem] = []
+    for chapter in sorted(p for p in directory.glob("*/*") if p.is_dir()):
+        audio = {p.stem: str(p) for p in chapter.glob("*.flac")}
+        trans_files = sorted(chapter.glob("*.trans.txt"))
+        trans_file = str(trans_files[0]) if trans_files else f"{chapter}/*.trans.txt"
+        transcripts = {k: v for f in trans_files for k, v in parse_transcripts(f.read_text()).items()}
+        problems += [Problem("transcript without audio", trans_file, f"{utt_id}.flac is missing")
+                     for utt_id in sorted(transcripts.keys() - audio.keys())]
+        for utt_id, path in sorted(audio.items()):
+            text = transcript_of(utt_id, path, transcripts, trans_file)
+            if isinstance(text, Problem):
+                problems.append(text)
+            else:
+                matched.append((utt_id, path, text))
     utterances = []
-    for trans_file in sorted(directory.glob("*/*/*.trans.txt")):
-        transcripts = {}
-        for line_no, line in enumerate(trans_file.read_text().splitlines(), start=1):
-            utt_id, _, text = line.strip().partition(" ")
-            if not utt_id:
-                continue
-            if not text.strip():
-                problem("empty transcript", trans_file, f"line {line_no} has no transcript for {utt_id}")
-                continue
-            transcripts[utt_id] = text.strip()
-        audio = {p.stem: p for p in trans_file.parent.glob("*.flac")}
-        for utt_id in sorted(audio.keys() - transcripts.keys()):
-            problem("audio without transcript", audio[utt_id], f"no line for {utt_id} in {trans_file.name}")
-        for utt_id in sorted(transcripts.keys() - audio.keys()):
-            problem("transcript without audio", trans_file, f"{utt_id}.flac is missing")
-        for utt_id in sorted(transcripts.keys() & audio.keys()):
-            path = audio[utt_id]
-            try:
-                info = sf.info(str(path))
-            except (sf.LibsndfileError, RuntimeError) as err:
-                problem("unreadable audio", path, f"cannot read audio header ({err})")
-                continue
-            speaker = utt_id.split("-", 1)[0]
-            utterances.append(Utterance(utt_id, str(path), transcripts[utt_id], speaker, info.duration, info.samplerate))
-    if not utterances:
-        raise DataError(f"{directory}: no utterances found (expected <speaker>/<chapter>/*.flac with *.trans.txt)")
-    if skipped:
-        log.warning("%s: skipped %d items: %s", directory, sum(skipped.values()), dict(skipped))
-    return utterances, skipped
+    headers = read_headers([path for _, path, _ in matched], workers, directory.name)
+    for (utt_id, path, text), header in zip(matched, headers, strict=True):
+        if isinstance(header, str):
+            problems.append(Problem("unreadable audio", path, f"cannot read the audio header: {header}"))
+        else:
+            utterances.append(Utterance(utt_id, path, text, utt_id.split("-", 1)[0], *header))
+    utterances.sort(key=lambda u: u.id)
+    return utterances, problems

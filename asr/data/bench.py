@@ -1,0 +1,170 @@
+"""Data-loader benchmark: ``python -m asr.data.bench [--workers 0,2] [--seconds 20] [--json F] [key=value]``.
+
+The ``key=value`` overrides are the training config's (default ``experiment=demo``). Reports:
+
+- throughput: audio seconds per second delivered by the DataModule's train loader with N workers
+  (``data.num_workers``), and by plain ``soundfile.read`` of the same split's files in one loop, timed next to
+  it; ``per_worker`` is the loader's rate over N (or 1) times the plain rate;
+- padding efficiency (real samples / padded samples) of this project's batches (the sampler, and the stream's
+  buffer bucketing) against fixed-size random batches and transformers' ``LengthGroupedSampler`` with the same
+  mean batch size, on the configured train split's durations and on a synthetic 100-hour LibriSpeech-like set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import soundfile as sf
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from asr.data.batching import DurationBatchSampler, bucket_stream
+from asr.data.text import CharTokenizer
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def librispeech_like_durations(hours: float, seed: int = 0) -> list[float]:
+    """Durations drawn from a mixture fitted by hand to train-clean-100's profile (mean 12.7 s, about 70%
+    within 10-16.5 s, range 1.3-24.5 s): 75% normal(14.05, 1.4) clipped to [10, 17.5], 20% uniform(1.3, 10),
+    5% uniform(16.5, 24.5)."""
+    rng = random.Random(seed)
+    durations: list[float] = []
+    total = 0.0
+    while total < hours * 3600:
+        u = rng.random()
+        if u < 0.75:
+            d = min(17.5, max(10.0, rng.gauss(14.05, 1.4)))
+        elif u < 0.95:
+            d = rng.uniform(1.3, 10.0)
+        else:
+            d = rng.uniform(16.5, 24.5)
+        durations.append(d)
+        total += d
+    return durations
+
+
+def efficiency(batches: Sequence[Sequence[int]], durations: Sequence[float]) -> float:
+    real = sum(durations[i] for batch in batches for i in batch)
+    return real / sum(len(batch) * max(durations[i] for i in batch) for batch in batches)
+
+
+def padding(durations: list[float], max_batch_seconds: float, buffer_size: int, seed: int = 0) -> dict:
+    """Padding efficiency of each batching on the same durations."""
+    ours = list(DurationBatchSampler(durations, max_batch_seconds=max_batch_seconds, seed=seed))
+    stream = list(bucket_stream(range(len(durations)), durations.__getitem__, None, max_batch_seconds,
+                                buffer_size, random.Random(seed)))
+    size = max(1, round(len(durations) / len(ours)))
+    shuffled = list(range(len(durations)))
+    random.Random(seed).shuffle(shuffled)
+    samples = [round(d * 16_000) for d in durations]
+    grouped = list(LengthGroupedSampler(size, lengths=samples, generator=torch.Generator().manual_seed(seed)))
+    return {
+        "utterances": len(durations),
+        "hours": round(sum(durations) / 3600, 2),
+        "max_batch_seconds": max_batch_seconds,
+        "mean_batch_size": size,
+        "sampler": round(efficiency(ours, durations), 4),
+        "stream_buffer": round(efficiency(stream, durations), 4),
+        "random_fixed_size": round(efficiency([shuffled[i : i + size] for i in range(0, len(shuffled), size)],
+                                              durations), 4),
+        "length_grouped": round(efficiency([grouped[i : i + size] for i in range(0, len(grouped), size)],
+                                           durations), 4),
+    }
+
+
+def plain_rate(paths: list[str], seconds: float) -> float:
+    """Audio seconds per second of ``soundfile.read`` over ``paths`` in one loop (after one untimed warm-up
+    pass, so that both this and the loader read from the page cache)."""
+    for warm in (True, False):
+        audio, start = 0.0, time.perf_counter()
+        for path in paths:
+            data, rate = sf.read(path, dtype="float32")
+            audio += len(data) / rate
+            if time.perf_counter() - start > seconds:
+                break
+        if not warm:
+            return audio / (time.perf_counter() - start)
+    raise AssertionError("unreachable")
+
+
+def loader_rate(datamodule, workers: int, seconds: float) -> float:
+    """Audio seconds per second out of the train loader, timed from its first batch (worker start-up left
+    out)."""
+    datamodule.num_workers = workers
+    loader = datamodule.train_dataloader()
+    audio, start = 0.0, None
+    for batch in loader:
+        if start is None:
+            start = time.perf_counter()
+            continue
+        # numpy: a multi-threaded torch reduction can cost more than decoding on a busy CPU
+        audio += batch["attention_mask"].numpy().sum() / 16_000
+        if time.perf_counter() - start > seconds:
+            break
+    elapsed = time.perf_counter() - start
+    del loader
+    return audio / elapsed
+
+
+def run(overrides: list[str], workers: list[int], seconds: float, synthetic_hours: float,
+        synthetic_batch_seconds: float) -> dict:
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides or ["experiment=demo"])
+    datamodule = instantiate(cfg.data, tokenizer=CharTokenizer(), _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    if datamodule.is_stream(datamodule.train_splits):
+        raise SystemExit("the throughput benchmark reads extracted folders; point data.root at one")
+    utterances = [u for split in datamodule.train_splits for u in datamodule._utterances[split]]
+    durations = [u.duration for u in utterances]
+    throughput = {}
+    for n in workers:  # plain decoding is timed next to each loader run, under the same machine load
+        plain = plain_rate([u.path for u in utterances], seconds)
+        rate = loader_rate(datamodule, n, seconds)
+        throughput[f"workers={n}"] = {"audio_s_per_s": round(rate, 1), "plain_audio_s_per_s": round(plain, 1),
+                                      "ratio": round(rate / plain, 3),
+                                      "per_worker": round(rate / plain / max(1, n), 3)}
+    budget = datamodule.max_batch_seconds or synthetic_batch_seconds
+    return {
+        "corpus": {"splits": datamodule.train_splits, "root": str(datamodule.root),
+                   "mean_duration": round(statistics.mean(durations), 2)},
+        "loader": throughput,
+        "padding": {
+            "corpus": padding(durations, budget, datamodule.shuffle_buffer),
+            "synthetic": padding(librispeech_like_durations(synthetic_hours), synthetic_batch_seconds,
+                                 datamodule.shuffle_buffer),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m asr.data.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", default="0,2", help="comma-separated data.num_workers values to time")
+    parser.add_argument("--seconds", type=float, default=20.0, help="time budget of each measurement")
+    parser.add_argument("--synthetic-hours", type=float, default=100.0)
+    parser.add_argument("--synthetic-batch-seconds", type=float, default=200.0,
+                        help="max_batch_seconds of the synthetic set (and of the corpus without one)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    results = run(overrides, [int(n) for n in args.workers.split(",")], args.seconds, args.synthetic_hours,
+                  args.synthetic_batch_seconds)
+    text = json.dumps(results, indent=1)
+    if args.json:
+        args.json.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

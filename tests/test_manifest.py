@@ -1,0 +1,79 @@
+"""Manifests: written once by a scan, reused while the source is unchanged, rescanned when it changes."""
+
+import json
+import os
+
+import pytest
+
+import asr.data.manifest as manifest_module
+from asr.data.manifest import load_manifest, scan
+from tests.test_archive import serve  # noqa: F401 (a fixture)
+from tests.test_librispeech import CHECK_PROBLEMS, SOURCE_PROBLEMS, USABLE, key, make_archive, write_corpus
+
+
+@pytest.fixture
+def scans(monkeypatch):
+    """Counts the scans that load_manifest runs."""
+    calls = []
+
+    def counted(location, workers=1):
+        calls.append(location)
+        return scan(location, workers)
+
+    monkeypatch.setattr(manifest_module, "scan", counted)
+    return calls
+
+
+def test_folder_manifest_is_written_reused_and_refreshed(tmp_path, scans):
+    folder = str(write_corpus(tmp_path))
+    path = tmp_path / "manifests" / "dev-clean.json"
+    first = load_manifest(folder, path)
+    assert sorted(u.id for u in first.utterances) == sorted([*USABLE, *CHECK_PROBLEMS])
+    assert {key(p): p.reason for p in first.problems} == SOURCE_PROBLEMS
+    saved = json.loads(path.read_text())
+    assert saved["source"] == folder and len(saved["utterances"]) == len(first.utterances)
+    fields = {"id", "path", "transcript", "speaker", "num_samples", "sample_rate"}
+    assert fields <= saved["utterances"][0].keys()
+
+    again = load_manifest(folder, path)
+    assert again.utterances == first.utterances and again.problems == first.problems
+    assert len(scans) == 1
+    flac = tmp_path / "LibriSpeech" / "dev-clean" / "84" / "121123" / "84-121123-0000.flac"
+    os.utime(flac, ns=(0, 0))
+    assert load_manifest(folder, path, verify=False).utterances == first.utterances  # trusted as is
+    assert len(scans) == 1
+    load_manifest(folder, path)  # a file changed: scanned again
+    assert len(scans) == 2
+
+
+def test_archive_manifest_keeps_stream_order_and_members(tmp_path, scans):
+    write_corpus(tmp_path)
+    archive = make_archive(tmp_path, "dev-clean", tmp_path / "dev-clean.tar.gz")
+    path = tmp_path / "m.json"
+    manifest = load_manifest(str(archive), path)
+    assert [u.index for u in manifest.utterances] == sorted(u.index for u in manifest.utterances)
+    assert all(u.path == str(archive) and u.member.endswith(f"/{u.id}.flac") for u in manifest.utterances)
+    assert load_manifest(str(archive), path).utterances == manifest.utterances
+    assert len(scans) == 1
+    make_archive(tmp_path, "dev-clean", archive, transcripts_first=True)
+    os.utime(archive, ns=(1, 1))
+    load_manifest(str(archive), path)
+    assert len(scans) == 2
+    folder = str(tmp_path / "LibriSpeech" / "dev-clean")
+    assert load_manifest(folder, path).source == folder  # another source for the same manifest path
+    assert len(scans) == 3
+
+
+def test_url_manifest_is_checked_with_head(tmp_path, serve, scans):  # noqa: F811
+    www, url = serve
+    write_corpus(tmp_path)
+    make_archive(tmp_path, "dev-clean", www / "dev-clean.tar.gz")
+    path = tmp_path / "m.json"
+    manifest = load_manifest(f"{url}/dev-clean.tar.gz", path)
+    assert {u.id: u.transcript for u in manifest.utterances if u.id in USABLE} == USABLE
+    load_manifest(f"{url}/dev-clean.tar.gz", path)
+    assert len(scans) == 1
+    (www / "dev-clean.tar.gz").write_bytes((www / "dev-clean.tar.gz").read_bytes() + b"\0" * 1024)
+    os.utime(www / "dev-clean.tar.gz", (1e9, 1e9))
+    load_manifest(f"{url}/dev-clean.tar.gz", path)
+    assert len(scans) == 2
