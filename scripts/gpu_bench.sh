@@ -8,7 +8,8 @@
 # All arms use random-init HuBERT-Large (conf/model/hubert_large.yaml's architecture, no download) on 8 h of
 # synthetic 16 kHz FLAC with LibriSpeech train-clean-100's duration profile.
 #
-# Run from the repo root with the device tool: command "bash scripts/gpu_bench.sh", carry [".whl"] (the wheels of
+# Run scripts/gpu_wheels.sh here first, then from the repo root with the device tool: command
+# "bash scripts/gpu_bench.sh", carry [".whl"] (the wheels of
 # hydra-core, omegaconf, antlr4-python3-runtime, soundfile, cffi, pycparser, ... that the GPU image lacks).
 # Results: $OUT/log.txt, $OUT/bench_main.json, $OUT/bench_ablation.json, $OUT/evaluate_*.json,
 # $OUT/profile-best.txt, $OUT/packed_check.txt. BUDGET (seconds, default 540) caps the whole script: each stage
