@@ -44,12 +44,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from asr.data.librispeech import SAMPLE_RATE
 from asr.data.text import CharTokenizer, normalize
 from asr.model import architecture_overrides
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16_000
 TRAIN, DEV, TEST = "train-clean-100", "dev-clean", "test-clean"
 CHARS_PER_SECOND = 14.5
 

@@ -27,12 +27,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from asr.data.librispeech import SAMPLE_RATE
 from asr.data.text import CharTokenizer
 from asr.model import SpeechRecognizer, architecture_overrides
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16_000
 # Settings of how to run, not of what was trained: taken from the command line's config, not the checkpoint.
 RUNTIME_KEYS = ("attn_implementation", "packed", "compile", "compile_options", "device_specaugment")
 
