@@ -44,6 +44,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from asr.data.bench import train_clean_100_durations
 from asr.data.librispeech import SAMPLE_RATE
 from asr.data.text import CharTokenizer, normalize
 from asr.model import architecture_overrides
@@ -70,15 +71,6 @@ ARCHITECTURES = {
 
 
 # --------------------------------------------------------------------------------------------------- corpus
-
-
-def train_clean_100_durations(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Durations (s) with LibriSpeech train-clean-100's profile (see the module docstring)."""
-    kind = rng.random(n)
-    main = np.clip(rng.normal(13.55, 1.6, n), 10.0, 16.5)
-    short = rng.uniform(1.3, 10.0, n)
-    long = rng.uniform(16.5, 24.5, n)
-    return np.where(kind < 0.80, main, np.where(kind < 0.95, short, long))
 
 
 def _random_text(rng: np.random.Generator, seconds: float) -> str:

@@ -11,7 +11,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from asr.bench import Meter, train_clean_100_durations, write_corpus
+from asr.bench import Meter, write_corpus
+from asr.data.bench import train_clean_100_durations
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
 import torch
 from hydra import compose, initialize_config_dir
@@ -34,24 +35,20 @@ from asr.data.text import CharTokenizer
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
+def train_clean_100_durations(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Durations (s) imitating LibriSpeech train-clean-100 (mean 12.7 s, most within 10-16.5 s, 1.3-24.5 s):
+    80% normal(13.55, 1.6) clipped to [10, 16.5], 15% uniform(1.3, 10), 5% uniform(16.5, 24.5)."""
+    kind = rng.random(n)
+    main = np.clip(rng.normal(13.55, 1.6, n), 10.0, 16.5)
+    short = rng.uniform(1.3, 10.0, n)
+    long = rng.uniform(16.5, 24.5, n)
+    return np.where(kind < 0.80, main, np.where(kind < 0.95, short, long))
+
+
 def librispeech_like_durations(hours: float, seed: int = 0) -> list[float]:
-    """Durations drawn from a mixture fitted by hand to train-clean-100's profile (mean 12.7 s, about 70%
-    within 10-16.5 s, range 1.3-24.5 s): 75% normal(14.05, 1.4) clipped to [10, 17.5], 20% uniform(1.3, 10),
-    5% uniform(16.5, 24.5)."""
-    rng = random.Random(seed)
-    durations: list[float] = []
-    total = 0.0
-    while total < hours * 3600:
-        u = rng.random()
-        if u < 0.75:
-            d = min(17.5, max(10.0, rng.gauss(14.05, 1.4)))
-        elif u < 0.95:
-            d = rng.uniform(1.3, 10.0)
-        else:
-            d = rng.uniform(16.5, 24.5)
-        durations.append(d)
-        total += d
-    return durations
+    """About ``hours`` of train-clean-100-like durations."""
+    durations = train_clean_100_durations(int(hours * 3600 / 12.7) + 1, np.random.default_rng(seed))
+    return durations.tolist()
 
 
 def efficiency(batches: Sequence[Sequence[int]], durations: Sequence[float]) -> float:
