@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.text import CharErrorRate, WordErrorRate
@@ -269,5 +270,11 @@ class SpeechRecognizer(L.LightningModule):
         optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        schedule = {"total_steps": int(self.trainer.estimated_stepping_batches)}
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is not None and timer.time_remaining() is not None:
+            # trainer.max_time: Lightning's Timer counts the training time (across resumes too).
+            budget = timer.time_elapsed() + timer.time_remaining()
+            schedule["time_fraction"] = lambda: timer.time_elapsed() / budget
+        scheduler = self.scheduler_factory(optimizer, **schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

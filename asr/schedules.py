@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -15,11 +16,15 @@ def tri_stage(
     hold_fraction: float = 0.0,
     final_lr_scale: float = 0.0,
     decay: str = "linear",
+    time_fraction: Callable[[], float] | None = None,
 ) -> LambdaLR:
     """Linear warm-up, a hold at the peak for ``hold_fraction`` of all steps, then decay to ``final_lr_scale``.
 
     With ``hold_fraction=0``, ``decay="linear"`` and ``final_lr_scale=0`` this is transformers'
     ``get_linear_schedule_with_warmup``; ``decay="exponential"`` gives fairseq's tri-stage schedule.
+
+    ``time_fraction`` (the share of a time budget used so far) makes the schedule follow whichever runs out first,
+    steps or time, so a run stopped by ``trainer.max_time`` still ends with its decay done.
     """
     if decay not in ("linear", "exponential"):
         raise ValueError(f"decay must be 'linear' or 'exponential', not {decay!r}")
@@ -29,6 +34,8 @@ def tri_stage(
     decay_steps = max(1, total_steps - hold_end)
 
     def scale(step: int) -> float:
+        if time_fraction is not None:
+            step = max(step, int(time_fraction() * total_steps))
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         if step < hold_end:

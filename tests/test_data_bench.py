@@ -8,17 +8,19 @@ import sys
 def test_bench_command_reports_throughput_and_padding(demo_root, tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "asr.data.bench", "--workers", "0", "--seconds", "1", "--synthetic-hours", "5",
+        [sys.executable, "-m", "asr.data.bench", "--workers", "0", "--seconds", "1", "--synthetic-hours", "5", "--long-files", "6",
          "--json", str(out), "experiment=demo", f"data.root={demo_root}", "data.demo_corpus=null"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert json.loads(result.stdout) == report
-    loader = report["loader"]["workers=0"]
-    assert loader["audio_s_per_s"] > 0 and loader["plain_audio_s_per_s"] > 0
-    ratio = round(loader["audio_s_per_s"] / loader["plain_audio_s_per_s"], 3)
-    assert abs(loader["ratio"] - ratio) <= 0.002 and loader["per_worker"] == loader["ratio"]
+    for files, mean_duration in (("corpus", (1, 3)), ("long_files", (9, 17))):
+        assert mean_duration[0] < report["loader"][files]["mean_duration"] < mean_duration[1]
+        loader = report["loader"][files]["workers=0"]
+        assert loader["audio_s_per_s"] > 0 and loader["plain_audio_s_per_s"] > 0
+        ratio = round(loader["audio_s_per_s"] / loader["plain_audio_s_per_s"], 3)
+        assert abs(loader["ratio"] - ratio) <= 0.002 and loader["per_worker"] == loader["ratio"]
     synthetic = report["padding"]["synthetic"]
     assert 4.9 < synthetic["hours"] < 5.1 and 12 < 3600 * synthetic["hours"] / synthetic["utterances"] < 13.5
     assert synthetic["sampler"] >= 0.97 and synthetic["stream_buffer"] >= 0.97

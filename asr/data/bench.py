@@ -4,7 +4,9 @@ The ``key=value`` overrides are the training config's (default ``experiment=demo
 
 - throughput: audio seconds per second delivered by the DataModule's train loader with N workers
   (``data.num_workers``), and by plain ``soundfile.read`` of the same split's files in one loop, timed next to
-  it; ``per_worker`` is the loader's rate over N (or 1) times the plain rate;
+  it; ``per_worker`` is the loader's rate over N (or 1) times the plain rate. Measured on the configured train
+  split, and on ``--long-files`` FLAC files of LibriSpeech-like durations (12.7 s on average, against the demo's
+  1.7 s) spliced from it, batched by ``--synthetic-batch-seconds``;
 - padding efficiency (real samples / padded samples) of this project's batches (the sampler, and the stream's
   buffer bucketing) against fixed-size random batches and transformers' ``LengthGroupedSampler`` with the same
   mean batch size, on the configured train split's durations and on a synthetic 100-hour LibriSpeech-like set.
@@ -13,11 +15,13 @@ The ``key=value`` overrides are the training config's (default ``experiment=demo
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import random
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +34,7 @@ from hydra.utils import instantiate
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from asr.data.batching import DurationBatchSampler, bucket_stream
+from asr.data.librispeech import SAMPLE_RATE, Utterance
 from asr.data.text import CharTokenizer
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -49,6 +54,26 @@ def librispeech_like_durations(hours: float, seed: int = 0) -> list[float]:
     """About ``hours`` of train-clean-100-like durations."""
     durations = train_clean_100_durations(int(hours * 3600 / 12.7) + 1, np.random.default_rng(seed))
     return durations.tolist()
+
+
+def write_long_files(utterances: list[Utterance], root: Path, files: int, seed: int = 0) -> Path:
+    """``files`` FLAC files of train-clean-100-like durations under ``root/LibriSpeech/train-clean-100``, each
+    made of consecutive ``utterances`` (speech compresses, and decodes, unlike noise) and their transcripts."""
+    rng = np.random.default_rng(seed)
+    source = itertools.cycle(utterances)
+    chapter = root / "LibriSpeech" / "train-clean-100" / "1" / "1"
+    chapter.mkdir(parents=True)
+    lines = []
+    for k, duration in enumerate(train_clean_100_durations(files, rng)):
+        pieces, words = [], []
+        while sum(len(p) for p in pieces) < duration * SAMPLE_RATE:
+            utt = next(source)
+            pieces.append(sf.read(utt.path, dtype="int16")[0])
+            words.append(utt.transcript)
+        sf.write(chapter / f"1-1-{k:04d}.flac", np.concatenate(pieces), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+        lines.append(f"1-1-{k:04d} {' '.join(words)}")
+    (chapter / "1-1.trans.txt").write_text("\n".join(lines) + "\n")
+    return root
 
 
 def efficiency(batches: Sequence[Sequence[int]], durations: Sequence[float]) -> float:
@@ -114,31 +139,47 @@ def loader_rate(datamodule, workers: int, seconds: float) -> float:
     return audio / elapsed
 
 
-def run(overrides: list[str], workers: list[int], seconds: float, synthetic_hours: float,
-        synthetic_batch_seconds: float) -> dict:
+def train_data(overrides: list[str]):
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides or ["experiment=demo"])
+        cfg = compose("train", overrides=overrides)
     datamodule = instantiate(cfg.data, tokenizer=CharTokenizer(), _convert_="all")
     datamodule.prepare_data()
     datamodule.setup("fit")
     if datamodule.is_stream(datamodule.train_splits):
         raise SystemExit("the throughput benchmark reads extracted folders; point data.root at one")
-    utterances = [u for split in datamodule.train_splits for u in datamodule._utterances[split]]
-    durations = [u.duration for u in utterances]
-    throughput = {}
+    return datamodule, [u for split in datamodule.train_splits for u in datamodule._utterances[split]]
+
+
+def throughput(datamodule, utterances: list[Utterance], workers: list[int], seconds: float) -> dict:
+    results = {"mean_duration": round(statistics.mean(u.duration for u in utterances), 2)}
     for n in workers:  # plain decoding is timed next to each loader run, under the same machine load
         plain = plain_rate([u.path for u in utterances], seconds)
         rate = loader_rate(datamodule, n, seconds)
-        throughput[f"workers={n}"] = {"audio_s_per_s": round(rate, 1), "plain_audio_s_per_s": round(plain, 1),
-                                      "ratio": round(rate / plain, 3),
-                                      "per_worker": round(rate / plain / max(1, n), 3)}
+        results[f"workers={n}"] = {"audio_s_per_s": round(rate, 1), "plain_audio_s_per_s": round(plain, 1),
+                                   "ratio": round(rate / plain, 3), "per_worker": round(rate / plain / max(1, n), 3)}
+    return results
+
+
+def run(overrides: list[str], workers: list[int], seconds: float, synthetic_hours: float,
+        synthetic_batch_seconds: float, long_files: int) -> dict:
+    overrides = overrides or ["experiment=demo"]
+    datamodule, utterances = train_data(overrides)
+    loader = {"corpus": throughput(datamodule, utterances, workers, seconds)}
+    if long_files:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = write_long_files(utterances, Path(tmp), long_files)
+            long_data, long_utterances = train_data([
+                *overrides, f"data.root={root}", "data.demo_corpus=null", "data.train_splits=[train-clean-100]",
+                "data.val_splits=[]", "data.test_splits=[]", "data.batch_size=null",
+                f"data.max_batch_seconds={synthetic_batch_seconds}", "data.max_duration=null",
+            ])
+            loader["long_files"] = throughput(long_data, long_utterances, workers, seconds)
     budget = datamodule.max_batch_seconds or synthetic_batch_seconds
     return {
-        "corpus": {"splits": datamodule.train_splits, "root": str(datamodule.root),
-                   "mean_duration": round(statistics.mean(durations), 2)},
-        "loader": throughput,
+        "corpus": {"splits": datamodule.train_splits, "root": str(datamodule.root)},
+        "loader": loader,
         "padding": {
-            "corpus": padding(durations, budget, datamodule.shuffle_buffer),
+            "corpus": padding([u.duration for u in utterances], budget, datamodule.shuffle_buffer),
             "synthetic": padding(librispeech_like_durations(synthetic_hours), synthetic_batch_seconds,
                                  datamodule.shuffle_buffer),
         },
@@ -151,12 +192,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="time budget of each measurement")
     parser.add_argument("--synthetic-hours", type=float, default=100.0)
     parser.add_argument("--synthetic-batch-seconds", type=float, default=200.0,
-                        help="max_batch_seconds of the synthetic set (and of the corpus without one)")
+                        help="max_batch_seconds of the synthetic sets (and of the corpus without one)")
+    parser.add_argument("--long-files", type=int, default=300,
+                        help="FLAC files of LibriSpeech-like durations to time the loader on (0: none)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     results = run(overrides, [int(n) for n in args.workers.split(",")], args.seconds, args.synthetic_hours,
-                  args.synthetic_batch_seconds)
+                  args.synthetic_batch_seconds, args.long_files)
     text = json.dumps(results, indent=1)
     if args.json:
         args.json.write_text(text)
