@@ -6,6 +6,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from asr.data.dataset import pad
 from asr.data.demo import DemoCorpusConfig, build_demo_corpus
 from asr.data.text import CharTokenizer
 
@@ -50,3 +51,11 @@ def tiny_pretrained(tmp_path_factory, tokenizer) -> Path:
 def write_flac(path: Path, seconds: float, rate: int = 16_000) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, (0.1 * torch.randn(int(seconds * rate))).numpy(), rate, format="FLAC")
+
+
+def batch_of(audios: list[torch.Tensor], labels: list[list[int]]) -> dict:
+    """A model batch of in-memory audio, padded as the data loaders pad it."""
+    batch = pad([len(a) for a in audios], labels)
+    for k, audio in enumerate(audios):
+        batch["input_values"][k, : len(audio)] = audio
+    return batch

@@ -8,8 +8,9 @@ import sys
 def test_bench_command_reports_throughput_and_padding(demo_root, tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "asr.data.bench", "--workers", "0", "--seconds", "1", "--synthetic-hours", "5", "--long-files", "6",
-         "--json", str(out), "experiment=demo", f"data.root={demo_root}", "data.demo_corpus=null"],
+        [sys.executable, "-m", "asr.data.bench", "--workers", "0", "--seconds", "1", "--rounds", "1",
+         "--synthetic-hours", "5", "--long-files", "6", "--synthetic-batch-seconds", "30", "--json", str(out),
+         "experiment=demo", f"data.root={demo_root}", "data.demo_corpus=null"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
-from asr.data.dataset import Checks
+from asr.data.dataset import Checks, pad
 from asr.data.librispeech import DataError, Problem, apply_policy, locate, parts, scan_directory
 from tests.conftest import write_flac
 
@@ -136,3 +137,39 @@ def test_decoding_resamples_when_asked(tmp_path, tokenizer):
     truncated = next(u for u in utterances if u.id == "174-50561-0002")
     with pytest.raises(DataError, match=r"174-50561-0002\.flac: undecodable audio"):
         Checks(tokenizer).decode(truncated, truncated.path)
+
+
+def test_a_batch_is_decoded_padded_and_leaves_out_what_fails(tmp_path, tokenizer):
+    utterances, _ = scan_directory(write_corpus(tmp_path))
+    by_id = {u.id: u for u in utterances}
+    chosen = [by_id[i] for i in ("84-121123-0000", "174-50561-0002", "174-50561-0003", "84-121123-0001")]
+    checks = Checks(tokenizer, resample=True)
+    batch = checks.batch([(u, u.path) for u in chosen], on_error="skip", skipped=[("earlier", "x.flac")])
+    assert batch["ids"] == ["84-121123-0000", "174-50561-0003", "84-121123-0001"]
+    assert [reason for reason, _ in batch["skipped"]] == ["earlier", "undecodable audio"]
+    assert batch["skipped"][1][1].endswith("174-50561-0002.flac")
+    lengths = [checks.samples(by_id[i]) for i in batch["ids"]]
+    assert lengths[1] == 16_000  # the 8 kHz clip, resampled
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert batch["input_values"].shape == (3, max(lengths))
+    for k, (utt_id, n) in enumerate(zip(batch["ids"], lengths, strict=True)):
+        alone = checks.decode(by_id[utt_id], by_id[utt_id].path)
+        np.testing.assert_array_equal(batch["input_values"][k, :n].numpy(), alone)
+        assert not batch["input_values"][k, n:].any()
+        assert tokenizer.decode(batch["labels"][k, : batch["label_lengths"][k]].tolist()) == batch["texts"][k]
+    with pytest.raises(DataError, match="174-50561-0002"):
+        checks.batch([(u, u.path) for u in chosen], on_error="raise")
+
+
+class _PadInAWorker(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        return pad([3, 5], [[1], [2, 3]])["input_values"].is_shared()
+
+
+def test_batches_are_made_in_shared_memory_inside_workers():
+    """So that the DataLoader hands them to the main process without copying them again."""
+    assert not _PadInAWorker()[0]
+    assert next(iter(torch.utils.data.DataLoader(_PadInAWorker(), batch_size=None, num_workers=1)))

@@ -3,9 +3,8 @@ import functools
 import pytest
 import torch
 
-from asr.data.dataset import collate
 from asr.model import SpeechRecognizer
-from tests.conftest import TINY_HUBERT
+from tests.conftest import TINY_HUBERT, batch_of
 
 
 def make_module(tokenizer, **kwargs) -> SpeechRecognizer:
@@ -25,9 +24,7 @@ def test_loads_a_pretrained_folder_and_sizes_the_head_from_the_tokenizer(tokeniz
 @pytest.mark.parametrize("model_type", ["hubert", "wav2vec2", "wavlm"])
 def test_any_ctc_backbone_builds_the_same_way(tokenizer, model_type):
     module = make_module(tokenizer, config={**TINY_HUBERT, "model_type": model_type}, freeze_feature_encoder=False)
-    batch = collate([
-        {"id": "a", "audio": torch.randn(8000), "labels": torch.tensor(tokenizer.encode("HI")), "text": "HI"},
-    ])
+    batch = batch_of([torch.randn(8000)], [tokenizer.encode("HI")])
     logits, lengths = module(batch["input_values"], batch["attention_mask"])
     assert logits.shape == (1, int(lengths[0]), len(tokenizer))
     assert torch.isfinite(module.ctc_loss(logits, lengths, batch))
@@ -38,15 +35,12 @@ def test_padding_invariance(tokenizer):
     torch.manual_seed(0)
     config = {**TINY_HUBERT, "feat_extract_norm": "layer", "do_stable_layer_norm": True}
     module = make_module(tokenizer, config=config).eval()
-    items = [
-        {"id": str(n), "audio": torch.randn(n), "labels": torch.tensor([5]), "text": "E"}
-        for n in (16000, 9000, 4321)
-    ]
-    batch = collate(items)
+    audios = [torch.randn(n) for n in (16000, 9000, 4321)]
+    batch = batch_of(audios, [[5]] * 3)
     with torch.no_grad():
         logits, lengths = module(batch["input_values"], batch["attention_mask"])
-        for k, item in enumerate(items):
-            alone = collate([item])
+        for k, audio in enumerate(audios):
+            alone = batch_of([audio], [[5]])
             single, single_len = module(alone["input_values"], alone["attention_mask"])
             assert lengths[k] == single_len[0]
             torch.testing.assert_close(
@@ -66,7 +60,7 @@ FAST = {**TINY_HUBERT, "feat_extract_norm": "layer", "do_stable_layer_norm": Tru
 
 
 def padded(lengths, seed=0):
-    """A zero-padded batch of random audio of these lengths (samples), as collate makes it."""
+    """A zero-padded batch of random audio of these lengths (samples), as the data loaders make it."""
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.tensor(lengths)
     audio = torch.randn(len(lengths), int(lengths.max()), generator=generator)

@@ -121,19 +121,20 @@ def plain_rate(paths: list[str], seconds: float) -> float:
 
 
 def loader_rate(datamodule, workers: int, seconds: float) -> float:
-    """Audio seconds per second out of the train loader, timed from its first batch (worker start-up left
-    out)."""
+    """Audio seconds per second out of the train loader, over as many passes as ``seconds`` takes, timed from
+    its first batch (worker start-up left out)."""
     datamodule.num_workers = workers
     loader = datamodule.train_dataloader()
     audio, start = 0.0, None
-    for batch in loader:
-        if start is None:
-            start = time.perf_counter()
-            continue
-        # numpy: a multi-threaded torch reduction can cost more than decoding on a busy CPU
-        audio += batch["attention_mask"].numpy().sum() / 16_000
-        if time.perf_counter() - start > seconds:
-            break
+    while start is None or time.perf_counter() - start < seconds:
+        for batch in loader:
+            if start is None:
+                start = time.perf_counter()
+                continue
+            # numpy: a multi-threaded torch reduction can cost more than decoding on a busy CPU
+            audio += batch["attention_mask"].numpy().sum() / 16_000
+            if time.perf_counter() - start > seconds:
+                break
     elapsed = time.perf_counter() - start
     del loader
     return audio / elapsed
@@ -150,21 +151,26 @@ def train_data(overrides: list[str]):
     return datamodule, [u for split in datamodule.train_splits for u in datamodule._utterances[split]]
 
 
-def throughput(datamodule, utterances: list[Utterance], workers: list[int], seconds: float) -> dict:
+def throughput(datamodule, utterances: list[Utterance], workers: list[int], seconds: float, rounds: int) -> dict:
+    """Loader and plain rates, alternated ``rounds`` times (the machine's speed drifts): medians, and the median
+    of the per-round ratios."""
     results = {"mean_duration": round(statistics.mean(u.duration for u in utterances), 2)}
-    for n in workers:  # plain decoding is timed next to each loader run, under the same machine load
-        plain = plain_rate([u.path for u in utterances], seconds)
-        rate = loader_rate(datamodule, n, seconds)
-        results[f"workers={n}"] = {"audio_s_per_s": round(rate, 1), "plain_audio_s_per_s": round(plain, 1),
-                                   "ratio": round(rate / plain, 3), "per_worker": round(rate / plain / max(1, n), 3)}
+    paths = [u.path for u in utterances]
+    for n in workers:
+        pairs = [(loader_rate(datamodule, n, seconds / rounds), plain_rate(paths, seconds / rounds))
+                 for _ in range(rounds)]
+        ratio = statistics.median(rate / plain for rate, plain in pairs)
+        results[f"workers={n}"] = {"audio_s_per_s": round(statistics.median(r for r, _ in pairs), 1),
+                                   "plain_audio_s_per_s": round(statistics.median(p for _, p in pairs), 1),
+                                   "ratio": round(ratio, 3), "per_worker": round(ratio / max(1, n), 3)}
     return results
 
 
-def run(overrides: list[str], workers: list[int], seconds: float, synthetic_hours: float,
+def run(overrides: list[str], workers: list[int], seconds: float, rounds: int, synthetic_hours: float,
         synthetic_batch_seconds: float, long_files: int) -> dict:
     overrides = overrides or ["experiment=demo"]
     datamodule, utterances = train_data(overrides)
-    loader = {"corpus": throughput(datamodule, utterances, workers, seconds)}
+    loader = {"corpus": throughput(datamodule, utterances, workers, seconds, rounds)}
     if long_files:
         with tempfile.TemporaryDirectory() as tmp:
             root = write_long_files(utterances, Path(tmp), long_files)
@@ -173,7 +179,7 @@ def run(overrides: list[str], workers: list[int], seconds: float, synthetic_hour
                 "data.val_splits=[]", "data.test_splits=[]", "data.batch_size=null",
                 f"data.max_batch_seconds={synthetic_batch_seconds}", "data.max_duration=null",
             ])
-            loader["long_files"] = throughput(long_data, long_utterances, workers, seconds)
+            loader["long_files"] = throughput(long_data, long_utterances, workers, seconds, rounds)
     budget = datamodule.max_batch_seconds or synthetic_batch_seconds
     return {
         "corpus": {"splits": datamodule.train_splits, "root": str(datamodule.root)},
@@ -189,7 +195,8 @@ def run(overrides: list[str], workers: list[int], seconds: float, synthetic_hour
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m asr.data.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="0,2", help="comma-separated data.num_workers values to time")
-    parser.add_argument("--seconds", type=float, default=20.0, help="time budget of each measurement")
+    parser.add_argument("--seconds", type=float, default=20.0, help="time for each measurement, split over the rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="loader and plain timings alternated this often")
     parser.add_argument("--synthetic-hours", type=float, default=100.0)
     parser.add_argument("--synthetic-batch-seconds", type=float, default=200.0,
                         help="max_batch_seconds of the synthetic sets (and of the corpus without one)")
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    results = run(overrides, [int(n) for n in args.workers.split(",")], args.seconds, args.synthetic_hours,
+    results = run(overrides, [int(n) for n in args.workers.split(",")], args.seconds, args.rounds, args.synthetic_hours,
                   args.synthetic_batch_seconds, args.long_files)
     text = json.dumps(results, indent=1)
     if args.json:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from asr.data.archive import is_archive
 from asr.data.batching import DurationBatchSampler
-from asr.data.dataset import Checks, SpeechDataset, StreamDataset, collate, stream_shard_count
+from asr.data.dataset import Checks, SpeechDataset, StreamDataset, stream_shard_count
 from asr.data.demo import DemoCorpusConfig, build_demo_corpus
 from asr.data.librispeech import DataError, Utterance, apply_policy, locate, parts
 from asr.data.manifest import Manifest, load_manifest
@@ -191,7 +191,7 @@ class SpeechDataModule(L.LightningDataModule):
                 shuffle=True, seed=self.seed, rank=rank, world_size=world, drop_uneven=True,
             )
             self._train_loader = _TrainLoader(SpeechDataset(utterances, self.checks, self.on_error),
-                                              batch_sampler=sampler, collate_fn=collate,
+                                              batch_sampler=sampler, collate_fn=_as_is,
                                               persistent_workers=self.num_workers > 0, **options)
         return self._train_loader
 
@@ -231,7 +231,7 @@ class SpeechDataModule(L.LightningDataModule):
                 shuffle=False, rank=rank, world_size=world, drop_uneven=False,
             )
             dataset = SpeechDataset(utterances, self.checks, self.on_error)
-            loaders.append(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+            loaders.append(DataLoader(dataset, batch_sampler=sampler, collate_fn=_as_is,
                                       persistent_workers=self.num_workers > 0, **options))
         return loaders
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -67,60 +68,91 @@ class Checks:
                                                                 f"{utt.duration:.2f} s")
         return None
 
-    def decode(self, utt: Utterance, source: str | BinaryIO) -> np.ndarray:
-        """Mono float32 audio at ``sample_rate``, zero mean and unit variance, or a :class:`DataError`."""
+    def samples(self, utt: Utterance) -> int:
+        """How many samples ``utt`` decodes to, at ``sample_rate``: its row in a padded batch."""
+        if utt.sample_rate == self.sample_rate:
+            return utt.num_samples
+        return math.ceil(utt.num_samples * self.sample_rate / utt.sample_rate)  # as torchaudio resamples
+
+    def decode(self, utt: Utterance, source: str | BinaryIO, out: np.ndarray | None = None) -> np.ndarray:
+        """Mono float32 audio at ``sample_rate``, zero mean and unit variance, or a :class:`DataError`.
+
+        Mono audio at ``sample_rate`` is decoded straight into ``out`` (``samples(utt)`` long) when given."""
         try:
-            audio, rate = sf.read(source, dtype="float32")
+            with sf.SoundFile(source) as f:
+                direct = out is not None and f.channels == 1 and f.samplerate == self.sample_rate
+                audio = f.read(out=out) if direct else f.read(dtype="float32")
+                rate = f.samplerate
         except (sf.LibsndfileError, RuntimeError) as err:
             raise DataError.of(Problem("undecodable audio", utt.where, str(err))) from err
-        if len(audio) < utt.num_samples:
-            detail = f"{len(audio)} of {utt.num_samples} samples"
-            raise DataError.of(Problem("truncated audio", utt.where, detail))
         if audio.ndim == 2:
             audio = audio.mean(axis=1)
         if rate != self.sample_rate:  # problem() let it through: data.resample is on
             audio = AF.resample(torch.from_numpy(audio), rate, self.sample_rate).numpy()
+        if len(audio) < self.samples(utt):
+            detail = f"{len(audio)} of {self.samples(utt)} samples"
+            raise DataError.of(Problem("truncated audio", utt.where, detail))
+        if out is not None and not direct:
+            out[:] = audio[: len(out)]
+            audio = out
         # Zero mean, unit variance per utterance (in place), as Wav2Vec2FeatureExtractor(do_normalize=True).
         audio -= audio.mean()
         audio *= 1 / np.sqrt(np.dot(audio, audio) / len(audio) + 1e-7)
         return audio
 
-    def item(self, utt: Utterance, source: str | BinaryIO, on_error: str) -> dict:
-        """A model input, or ``{"skipped": (reason, where)}`` if decoding fails under ``on_error="skip"``."""
-        try:
-            audio = self.decode(utt, source)
-        except DataError as err:
-            if on_error == "raise":
-                raise
-            return {"skipped": (err.reason, utt.where)}
-        text = normalize(utt.transcript)
-        return {"id": utt.id, "audio": audio, "labels": self.tokenizer.encode(text), "text": text}
+    def batch(self, records: Sequence[tuple[Utterance, str | BinaryIO]], on_error: str,
+              skipped: Sequence[tuple[str, str]] = ()) -> dict:
+        """Decode utterances into one zero-padded batch (see :func:`pad`). Under ``on_error="skip"`` the ones
+        that fail are left out and listed as (reason, file) in ``skipped``, after the given ``skipped``."""
+        lengths = [self.samples(utt) for utt, _ in records]
+        texts = [normalize(utt.transcript) for utt, _ in records]
+        batch = pad(lengths, [self.tokenizer.encode(t) for t in texts])
+        audio = batch["input_values"].numpy()
+        failed = []
+        for k, ((utt, source), n) in enumerate(zip(records, lengths, strict=True)):
+            try:
+                self.decode(utt, source, out=audio[k, :n])
+            except DataError as err:
+                if on_error == "raise":
+                    raise
+                failed.append(k)
+                skipped = [*skipped, (err.reason, utt.where)]
+        if failed:  # rare: a copy of the batch without them
+            keep = [k for k in range(len(records)) if k not in failed]
+            width = max((lengths[k] for k in keep), default=0)
+            batch = {key: value[keep] for key, value in batch.items()}
+            batch["input_values"] = batch["input_values"][:, :width]
+            batch["attention_mask"] = batch["attention_mask"][:, :width]
+            records, texts = [records[k] for k in keep], [texts[k] for k in keep]
+        batch.update(texts=texts, ids=[utt.id for utt, _ in records], skipped=list(skipped))
+        return batch
 
 
-def collate(items: list[dict]) -> dict:
-    """Zero-pad audio (with an attention mask) and pad labels with -100, the ignore index of transformers.
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in shared memory inside a DataLoader worker, so that handing the batch to the
+    main process copies nothing (torch's default_collate does the same)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
-    Skipped items are left out and listed as (reason, file) in ``skipped``; a batch may end up empty.
-    """
-    skipped = [item["skipped"] for item in items if "skipped" in item]
-    items = [item for item in items if "skipped" not in item]
+
+def pad(lengths: Sequence[int], labels: Sequence[Sequence[int]]) -> dict:
+    """A batch to fill: ``input_values`` (float32, zero beyond each length; the rows are left to the caller),
+    ``attention_mask``, ``labels`` padded with -100 (transformers' ignore index), ``label_lengths``."""
+    width, label_width = max(lengths, default=0), max(map(len, labels), default=0)
+    audio = _empty((len(lengths), width), torch.float32)
+    mask = _empty((len(lengths), width), torch.bool)
+    padded_labels = _empty((len(labels), label_width), torch.int64)
     # numpy, not torch: torch's small multi-threaded ops are slower than the decoding on a busy CPU.
-    audio_lengths = np.array([len(item["audio"]) for item in items], dtype=np.int64)
-    label_lengths = np.array([len(item["labels"]) for item in items], dtype=np.int64)
-    audio = np.zeros((len(items), audio_lengths.max(initial=0)), dtype=np.float32)
-    labels = np.full((len(items), label_lengths.max(initial=0)), -100, dtype=np.int64)
-    for k, item in enumerate(items):
-        audio[k, : audio_lengths[k]] = item["audio"]
-        labels[k, : label_lengths[k]] = item["labels"]
-    return {
-        "input_values": torch.from_numpy(audio),
-        "attention_mask": torch.from_numpy(np.arange(audio.shape[1])[None, :] < audio_lengths[:, None]),
-        "labels": torch.from_numpy(labels),
-        "label_lengths": torch.from_numpy(label_lengths),
-        "texts": [item["text"] for item in items],
-        "ids": [item["id"] for item in items],
-        "skipped": skipped,
-    }
+    audio_np, mask_np, labels_np = audio.numpy(), mask.numpy(), padded_labels.numpy()
+    np.less(np.arange(width)[None, :], np.asarray(lengths, dtype=np.int64)[:, None], out=mask_np)
+    labels_np.fill(-100)
+    for k, (n, label) in enumerate(zip(lengths, labels, strict=True)):
+        audio_np[k, n:] = 0
+        labels_np[k, : len(label)] = label
+    return {"input_values": audio, "attention_mask": mask, "labels": padded_labels,
+            "label_lengths": torch.tensor([len(label) for label in labels], dtype=torch.int64)}
 
 
 class SpeechDataset(Dataset):
@@ -135,8 +167,11 @@ class SpeechDataset(Dataset):
         return len(self.utterances)
 
     def __getitem__(self, index: int) -> dict:
-        utt = self.utterances[index]
-        return self.checks.item(utt, utt.path, self.on_error)
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        """A whole batch: the DataLoader hands the batch sampler's indices here (then ``collate_fn=as_is``)."""
+        return self.checks.batch([(self.utterances[i], self.utterances[i].path) for i in indices], self.on_error)
 
 
 def stream_rng(seed: int, epoch: int, pass_: int, shard: int) -> random.Random:
@@ -214,10 +249,9 @@ class StreamDataset(IterableDataset):
                              rng)
 
     def _collate(self, batch: list[tuple[Utterance, bytes]], skipped: list) -> dict:
-        items = [self.checks.item(utt, io.BytesIO(data), self.on_error) for utt, data in batch]
-        items += [{"skipped": s} for s in skipped]
+        out = self.checks.batch([(utt, io.BytesIO(data)) for utt, data in batch], self.on_error, skipped)
         skipped.clear()
-        return collate(items)
+        return out
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
