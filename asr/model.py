@@ -131,13 +131,14 @@ class SpeechRecognizer(L.LightningModule):
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         # Still on the host: what the packed encoder needs is computed here, not read back from the GPU later.
         if self.packed_encoder is not None and "input_values" in batch and len(batch["input_values"]):
-            batch["packing"] = self._packing(batch["attention_mask"], pin=True)
+            batch["packing"] = self._packing(batch["lengths"], batch["input_values"].shape[1], pin=True)
         return batch
 
-    def _packing(self, attention_mask: torch.Tensor, pin: bool = False) -> speedups.Packing:
+    def _packing(self, lengths: torch.Tensor, width: int, pin: bool = False) -> speedups.Packing:
+        """From the audio lengths (samples) and the padded width of a batch."""
         feat_lengths = self.backbone._get_feat_extract_output_lengths
-        frames = int(feat_lengths(torch.tensor(attention_mask.shape[1])))
-        return speedups.packing_of(feat_lengths(attention_mask.sum(-1).cpu()), frames, pin=pin)
+        frames = int(feat_lengths(torch.tensor(width)))
+        return speedups.packing_of(feat_lengths(lengths.cpu()), frames, pin=pin)
 
     def forward(
         self,
@@ -157,7 +158,7 @@ class SpeechRecognizer(L.LightningModule):
         if self.packed_encoder is None:
             return self.backbone(input_values, attention_mask=attention_mask, **kwargs).logits, lengths
         if packing is None:
-            packing = self._packing(attention_mask)
+            packing = self._packing(attention_mask.sum(-1), attention_mask.shape[1])
         self.packed_encoder.asr_packing = packing.to(input_values.device, non_blocking=True)
         try:
             logits = self.backbone(input_values, attention_mask=attention_mask, **kwargs).logits

@@ -6,7 +6,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from asr.data.dataset import pad
+from asr.data.dataset import model_inputs, pad
 from asr.data.demo import DemoCorpusConfig, build_demo_corpus
 from asr.data.text import CharTokenizer
 
@@ -54,8 +54,8 @@ def write_flac(path: Path, seconds: float, rate: int = 16_000) -> None:
 
 
 def batch_of(audios: list[torch.Tensor], labels: list[list[int]]) -> dict:
-    """A model batch of in-memory audio, padded as the data loaders pad it."""
+    """A model batch of in-memory audio (floats in [-1, 1)), made as the data path makes it from FLAC."""
     batch = pad([len(a) for a in audios], labels)
     for k, audio in enumerate(audios):
-        batch["input_values"][k, : len(audio)] = audio
-    return batch
+        batch["input_values"][k, : len(audio)] = (audio.clamp(-1, 1 - 2**-15) * 32768).round().to(torch.int16)
+    return model_inputs(batch)

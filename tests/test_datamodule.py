@@ -29,7 +29,7 @@ def ready(dm, stage="fit"):
 def test_batches_from_the_demo_corpus(demo_root, tokenizer, tmp_path):
     dm = ready(make_datamodule(demo_root, tokenizer, manifest_dir=str(tmp_path)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.json", "test-seen.json", "train.json"]
-    batch = next(iter(dm.train_dataloader()))
+    batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
     assert batch["input_values"].dtype == torch.float32
     assert batch["attention_mask"].sum() / 16000 <= 10
     lengths = batch["attention_mask"].sum(1)

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from asr.data.dataset import Checks, pad
+from asr.data.dataset import Checks, model_inputs, pad
 from asr.data.librispeech import DataError, Problem, apply_policy, locate, parts, scan_directory
 from tests.conftest import write_flac
 
@@ -133,7 +133,9 @@ def test_decoding_resamples_when_asked(tmp_path, tokenizer):
     utterances, _ = scan_directory(write_corpus(tmp_path))
     eight_khz = next(u for u in utterances if u.id == "174-50561-0003")
     audio = Checks(tokenizer, resample=True).decode(eight_khz, eight_khz.path)
-    assert audio.shape == (16_000,) and abs(float(audio.mean())) < 1e-4 and abs(float(audio.std()) - 1) < 1e-3
+    assert audio.shape == (16_000,) and audio.dtype == np.int16
+    original, _ = sf.read(eight_khz.path, dtype="int16")
+    assert abs(np.abs(audio).mean() / np.abs(original).mean() - 1) < 0.05  # the same signal, twice the samples
     truncated = next(u for u in utterances if u.id == "174-50561-0002")
     with pytest.raises(DataError, match=r"174-50561-0002\.flac: undecodable audio"):
         Checks(tokenizer).decode(truncated, truncated.path)
@@ -150,8 +152,8 @@ def test_a_batch_is_decoded_padded_and_leaves_out_what_fails(tmp_path, tokenizer
     assert batch["skipped"][1][1].endswith("174-50561-0002.flac")
     lengths = [checks.samples(by_id[i]) for i in batch["ids"]]
     assert lengths[1] == 16_000  # the 8 kHz clip, resampled
-    assert batch["attention_mask"].sum(1).tolist() == lengths
-    assert batch["input_values"].shape == (3, max(lengths))
+    assert batch["lengths"].tolist() == lengths
+    assert batch["input_values"].shape == (3, max(lengths)) and batch["input_values"].dtype == torch.int16
     for k, (utt_id, n) in enumerate(zip(batch["ids"], lengths, strict=True)):
         alone = checks.decode(by_id[utt_id], by_id[utt_id].path)
         np.testing.assert_array_equal(batch["input_values"][k, :n].numpy(), alone)
@@ -159,6 +161,20 @@ def test_a_batch_is_decoded_padded_and_leaves_out_what_fails(tmp_path, tokenizer
         assert tokenizer.decode(batch["labels"][k, : batch["label_lengths"][k]].tolist()) == batch["texts"][k]
     with pytest.raises(DataError, match="174-50561-0002"):
         checks.batch([(u, u.path) for u in chosen], on_error="raise")
+
+
+def test_model_inputs_normalise_each_utterance_over_its_own_samples():
+    pcm = [torch.randint(-3000, 3000, (n,), dtype=torch.int16) + offset for n, offset in ((900, 500), (400, -20))]
+    batch = pad([900, 400], [[1], [2]])
+    for k, row in enumerate(pcm):
+        batch["input_values"][k, : len(row)] = row
+    inputs = model_inputs(batch)
+    assert inputs["attention_mask"].sum(1).tolist() == [900, 400]
+    for k, row in enumerate(pcm):
+        audio = row.double() / 32768
+        expected = (audio - audio.mean()) / torch.sqrt(audio.var(unbiased=False) + 1e-7)
+        torch.testing.assert_close(inputs["input_values"][k, : len(row)].double(), expected, atol=1e-5, rtol=1e-5)
+    assert not inputs["input_values"][1, 400:].any()
 
 
 class _PadInAWorker(torch.utils.data.Dataset):

@@ -24,7 +24,7 @@ def test_loads_a_pretrained_folder_and_sizes_the_head_from_the_tokenizer(tokeniz
 @pytest.mark.parametrize("model_type", ["hubert", "wav2vec2", "wavlm"])
 def test_any_ctc_backbone_builds_the_same_way(tokenizer, model_type):
     module = make_module(tokenizer, config={**TINY_HUBERT, "model_type": model_type}, freeze_feature_encoder=False)
-    batch = batch_of([torch.randn(8000)], [tokenizer.encode("HI")])
+    batch = batch_of([torch.rand(8000) * 2 - 1], [tokenizer.encode("HI")])
     logits, lengths = module(batch["input_values"], batch["attention_mask"])
     assert logits.shape == (1, int(lengths[0]), len(tokenizer))
     assert torch.isfinite(module.ctc_loss(logits, lengths, batch))
@@ -35,7 +35,7 @@ def test_padding_invariance(tokenizer):
     torch.manual_seed(0)
     config = {**TINY_HUBERT, "feat_extract_norm": "layer", "do_stable_layer_norm": True}
     module = make_module(tokenizer, config=config).eval()
-    audios = [torch.randn(n) for n in (16000, 9000, 4321)]
+    audios = [torch.rand(n) * 2 - 1 for n in (16000, 9000, 4321)]
     batch = batch_of(audios, [[5]] * 3)
     with torch.no_grad():
         logits, lengths = module(batch["input_values"], batch["attention_mask"])
@@ -154,14 +154,15 @@ def test_packed_rejects_attention_dropout_and_unsupported_models(tokenizer):
 def test_packed_training_forward_reads_nothing_back_from_the_device(tokenizer):
     """On the meta device a tensor has no values: a forward+backward that runs there never waits for the GPU.
 
-    The packing is computed from the host's attention mask before the batch moves (on_before_batch_transfer).
+    The packing is computed from the loader batch's lengths on the host, before the batch moves
+    (on_before_batch_transfer).
     transformers' padded path does read values back (its attention-mask check and its numpy SpecAugment).
     """
     config = {**FAST, "mask_time_prob": 0.3, "mask_time_length": 2}
     audio, mask = padded([16000, 9000])
     for packed, works in ((True, True), (False, False)):
         module = make_module(tokenizer, config=config, packed=packed, freeze_feature_encoder=False).train()
-        batch = module.on_before_batch_transfer({"input_values": audio, "attention_mask": mask}, 0)
+        batch = module.on_before_batch_transfer({"input_values": audio, "lengths": mask.sum(-1)}, 0)
         packing = batch.get("packing")
         module.to("meta")
         meta_packing = packing.to("meta") if packing is not None else None

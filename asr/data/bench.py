@@ -4,7 +4,10 @@ The ``key=value`` overrides are the training config's (default ``experiment=demo
 
 - throughput: audio seconds per second delivered by the DataModule's train loader with N workers
   (``data.num_workers``), and by plain ``soundfile.read`` of the same split's files in one loop, timed next to
-  it; ``per_worker`` is the loader's rate over N (or 1) times the plain rate. Measured on the configured train
+  it; ``per_worker`` is the loader's rate over N (or 1) times the plain rate. The loader yields 16-bit PCM and
+  lengths; the float, normalised model inputs are made after the transfer to the device (``model_inputs``),
+  whose cost on the host CPU is reported next to it (for scale: plain decoding costs 1000 / its rate
+  milliseconds per audio-second). Measured on the configured train
   split, and on ``--long-files`` FLAC files of LibriSpeech-like durations (12.7 s on average, against the demo's
   1.7 s) spliced from it, batched by ``--synthetic-batch-seconds``;
 - padding efficiency (real samples / padded samples) of this project's batches (the sampler, and the stream's
@@ -34,6 +37,7 @@ from hydra.utils import instantiate
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from asr.data.batching import DurationBatchSampler, bucket_stream
+from asr.data.dataset import model_inputs
 from asr.data.librispeech import SAMPLE_RATE, Utterance
 from asr.data.text import CharTokenizer
 
@@ -121,8 +125,8 @@ def plain_rate(paths: list[str], seconds: float) -> float:
 
 
 def loader_rate(datamodule, workers: int, seconds: float) -> float:
-    """Audio seconds per second out of the train loader, over as many passes as ``seconds`` takes, timed from
-    its first batch (worker start-up left out)."""
+    """Audio seconds per second out of the train loader (16-bit PCM and lengths, what goes to the device),
+    over as many passes as ``seconds`` takes, timed from its first batch (worker start-up left out)."""
     datamodule.num_workers = workers
     loader = datamodule.train_dataloader()
     audio, start = 0.0, None
@@ -131,13 +135,24 @@ def loader_rate(datamodule, workers: int, seconds: float) -> float:
             if start is None:
                 start = time.perf_counter()
                 continue
-            # numpy: a multi-threaded torch reduction can cost more than decoding on a busy CPU
-            audio += batch["attention_mask"].numpy().sum() / 16_000
+            # The model's inputs, made here on the host (on a GPU they are made there, after the transfer).
+            audio += batch["lengths"].numpy().sum() / 16_000
             if time.perf_counter() - start > seconds:
                 break
     elapsed = time.perf_counter() - start
     del loader
     return audio / elapsed
+
+
+def model_inputs_cost(datamodule, batches: int = 20) -> float:
+    """Milliseconds per audio-second of :func:`model_inputs` on the host CPU (on a GPU it runs there), on the
+    first ``batches`` batches of the train loader."""
+    datamodule.num_workers = 0
+    loaded = list(itertools.islice(datamodule.train_dataloader(), batches))
+    start = time.perf_counter()
+    for batch in loaded:
+        model_inputs(batch)
+    return 1000 * (time.perf_counter() - start) / sum(float(b["lengths"].sum()) / 16_000 for b in loaded)
 
 
 def train_data(overrides: list[str]):
@@ -154,7 +169,8 @@ def train_data(overrides: list[str]):
 def throughput(datamodule, utterances: list[Utterance], workers: list[int], seconds: float, rounds: int) -> dict:
     """Loader and plain rates, alternated ``rounds`` times (the machine's speed drifts): medians, and the median
     of the per-round ratios."""
-    results = {"mean_duration": round(statistics.mean(u.duration for u in utterances), 2)}
+    results = {"mean_duration": round(statistics.mean(u.duration for u in utterances), 2),
+               "model_inputs_on_host_ms_per_audio_s": round(model_inputs_cost(datamodule), 4)}
     paths = [u.path for u in utterances]
     for n in workers:
         pairs = [(loader_rate(datamodule, n, seconds / rounds), plain_rate(paths, seconds / rounds))

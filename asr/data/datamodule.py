@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from asr.data.archive import is_archive
 from asr.data.batching import DurationBatchSampler
-from asr.data.dataset import Checks, SpeechDataset, StreamDataset, stream_shard_count
+from asr.data.dataset import Checks, SpeechDataset, StreamDataset, model_inputs, stream_shard_count
 from asr.data.demo import DemoCorpusConfig, build_demo_corpus
 from asr.data.librispeech import DataError, Utterance, apply_policy, locate, parts
 from asr.data.manifest import Manifest, load_manifest
@@ -242,7 +242,9 @@ class SpeechDataModule(L.LightningDataModule):
         return self._eval_loaders(self.test_splits)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Count the training batches this rank received (its resume position), and decoding skips."""
+        """Make the model's inputs on the device; count the training batches this rank received (its resume
+        position), and decoding skips."""
+        batch = model_inputs(batch)
         stage = getattr(self.trainer.state.stage, "value", None) if self.trainer else "train"
         epoch = self.trainer.current_epoch if self.trainer else self._position["epoch"]
         if stage == "train":

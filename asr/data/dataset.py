@@ -75,30 +75,30 @@ class Checks:
         return math.ceil(utt.num_samples * self.sample_rate / utt.sample_rate)  # as torchaudio resamples
 
     def decode(self, utt: Utterance, source: str | BinaryIO, out: np.ndarray | None = None) -> np.ndarray:
-        """Mono float32 audio at ``sample_rate``, zero mean and unit variance, or a :class:`DataError`.
-
-        Mono audio at ``sample_rate`` is decoded straight into ``out`` (``samples(utt)`` long) when given."""
+        """Mono 16-bit PCM at ``sample_rate``, ``samples(utt)`` long, or a :class:`DataError`. Written into
+        ``out`` when given; mono audio at ``sample_rate`` (all of LibriSpeech) is decoded straight into it."""
         try:
             with sf.SoundFile(source) as f:
-                direct = out is not None and f.channels == 1 and f.samplerate == self.sample_rate
-                audio = f.read(out=out) if direct else f.read(dtype="float32")
-                rate = f.samplerate
+                direct = f.channels == 1 and f.samplerate == self.sample_rate
+                if direct:
+                    audio = f.read(dtype="int16") if out is None else f.read(out=out)
+                else:
+                    audio, rate = f.read(dtype="float32"), f.samplerate
         except (sf.LibsndfileError, RuntimeError) as err:
             raise DataError.of(Problem("undecodable audio", utt.where, str(err))) from err
-        if audio.ndim == 2:
-            audio = audio.mean(axis=1)
-        if rate != self.sample_rate:  # problem() let it through: data.resample is on
-            audio = AF.resample(torch.from_numpy(audio), rate, self.sample_rate).numpy()
+        if not direct:
+            if audio.ndim == 2:
+                audio = audio.mean(axis=1)
+            if rate != self.sample_rate:  # problem() let it through: data.resample is on
+                audio = AF.resample(torch.from_numpy(audio), rate, self.sample_rate).numpy()
+            audio = np.clip(np.round(audio * 32768), -32768, 32767).astype(np.int16)
         if len(audio) < self.samples(utt):
             detail = f"{len(audio)} of {self.samples(utt)} samples"
             raise DataError.of(Problem("truncated audio", utt.where, detail))
-        if out is not None and not direct:
-            out[:] = audio[: len(out)]
-            audio = out
-        # Zero mean, unit variance per utterance (in place), as Wav2Vec2FeatureExtractor(do_normalize=True).
-        audio -= audio.mean()
-        audio *= 1 / np.sqrt(np.dot(audio, audio) / len(audio) + 1e-7)
-        return audio
+        if out is None or direct:
+            return audio
+        out[:] = audio[: len(out)]
+        return out
 
     def batch(self, records: Sequence[tuple[Utterance, str | BinaryIO]], on_error: str,
               skipped: Sequence[tuple[str, str]] = ()) -> dict:
@@ -107,11 +107,11 @@ class Checks:
         lengths = [self.samples(utt) for utt, _ in records]
         texts = [normalize(utt.transcript) for utt, _ in records]
         batch = pad(lengths, [self.tokenizer.encode(t) for t in texts])
-        audio = batch["input_values"].numpy()
+        pcm = batch["input_values"].numpy()
         failed = []
         for k, ((utt, source), n) in enumerate(zip(records, lengths, strict=True)):
             try:
-                self.decode(utt, source, out=audio[k, :n])
+                self.decode(utt, source, out=pcm[k, :n])
             except DataError as err:
                 if on_error == "raise":
                     raise
@@ -122,7 +122,6 @@ class Checks:
             width = max((lengths[k] for k in keep), default=0)
             batch = {key: value[keep] for key, value in batch.items()}
             batch["input_values"] = batch["input_values"][:, :width]
-            batch["attention_mask"] = batch["attention_mask"][:, :width]
             records, texts = [records[k] for k in keep], [texts[k] for k in keep]
         batch.update(texts=texts, ids=[utt.id for utt, _ in records], skipped=list(skipped))
         return batch
@@ -138,21 +137,35 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def pad(lengths: Sequence[int], labels: Sequence[Sequence[int]]) -> dict:
-    """A batch to fill: ``input_values`` (float32, zero beyond each length; the rows are left to the caller),
-    ``attention_mask``, ``labels`` padded with -100 (transformers' ignore index), ``label_lengths``."""
+    """A batch to fill: ``input_values`` (int16 PCM, zero beyond each length; the rows are left to the caller),
+    ``lengths``, ``labels`` padded with -100 (transformers' ignore index) and ``label_lengths``.
+
+    16-bit PCM is what FLAC holds: half the bytes of float32 to pass between processes and to copy to the GPU.
+    :func:`model_inputs` makes the model's float input and attention mask from it, on the device."""
     width, label_width = max(lengths, default=0), max(map(len, labels), default=0)
-    audio = _empty((len(lengths), width), torch.float32)
-    mask = _empty((len(lengths), width), torch.bool)
+    pcm = _empty((len(lengths), width), torch.int16)
     padded_labels = _empty((len(labels), label_width), torch.int64)
     # numpy, not torch: torch's small multi-threaded ops are slower than the decoding on a busy CPU.
-    audio_np, mask_np, labels_np = audio.numpy(), mask.numpy(), padded_labels.numpy()
-    np.less(np.arange(width)[None, :], np.asarray(lengths, dtype=np.int64)[:, None], out=mask_np)
+    pcm_np, labels_np = pcm.numpy(), padded_labels.numpy()
     labels_np.fill(-100)
     for k, (n, label) in enumerate(zip(lengths, labels, strict=True)):
-        audio_np[k, n:] = 0
+        pcm_np[k, n:] = 0
         labels_np[k, : len(label)] = label
-    return {"input_values": audio, "attention_mask": mask, "labels": padded_labels,
+    return {"input_values": pcm, "lengths": torch.tensor(lengths, dtype=torch.int64), "labels": padded_labels,
             "label_lengths": torch.tensor([len(label) for label in labels], dtype=torch.int64)}
+
+
+def model_inputs(batch: dict) -> dict:
+    """A loader batch as the model takes it: each utterance's audio as float, normalised to zero mean and unit
+    variance over its own samples (as Wav2Vec2FeatureExtractor(do_normalize=True)), zero padding, and the
+    ``attention_mask``. Meant for the device, after the transfer."""
+    pcm, lengths = batch["input_values"], batch["lengths"]
+    mask = torch.arange(pcm.shape[1], device=pcm.device)[None, :] < lengths[:, None]
+    audio = pcm.float() / 32768
+    count = lengths.clamp(min=1)[:, None].float()
+    centered = (audio - audio.sum(1, keepdim=True) / count) * mask
+    variance = centered.square().sum(1, keepdim=True) / count
+    return {**batch, "input_values": centered * torch.rsqrt(variance + 1e-7), "attention_mask": mask}
 
 
 class SpeechDataset(Dataset):
