@@ -131,7 +131,7 @@ class SpeechRecognizer(L.LightningModule):
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         # Still on the host: what the packed encoder needs is computed here, not read back from the GPU later.
         if self.packed_encoder is not None and "input_values" in batch and len(batch["input_values"]):
-            batch["packing"] = self._packing(batch["lengths"], batch["input_values"].shape[1], pin=True)
+            batch["packing"] = self._packing(torch.tensor(batch["lengths"]), batch["input_values"].shape[1], pin=True)
         return batch
 
     def _packing(self, lengths: torch.Tensor, width: int, pin: bool = False) -> speedups.Packing:

@@ -6,7 +6,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from asr.data.dataset import model_inputs, pad
+from asr.data.dataset import model_inputs, pcm_buffer
 from asr.data.demo import DemoCorpusConfig, build_demo_corpus
 from asr.data.text import CharTokenizer
 
@@ -55,7 +55,7 @@ def write_flac(path: Path, seconds: float, rate: int = 16_000) -> None:
 
 def batch_of(audios: list[torch.Tensor], labels: list[list[int]]) -> dict:
     """A model batch of in-memory audio (floats in [-1, 1)), made as the data path makes it from FLAC."""
-    batch = pad([len(a) for a in audios], labels)
+    pcm = pcm_buffer([len(a) for a in audios])
     for k, audio in enumerate(audios):
-        batch["input_values"][k, : len(audio)] = (audio.clamp(-1, 1 - 2**-15) * 32768).round().to(torch.int16)
-    return model_inputs(batch)
+        pcm[k, : len(audio)] = (audio.clamp(-1, 1 - 2**-15) * 32768).round().to(torch.int16)
+    return model_inputs({"input_values": pcm, "lengths": [len(a) for a in audios], "labels": labels})

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from asr.data.dataset import Checks, model_inputs, pad
+from asr.data.dataset import Checks, model_inputs, pcm_buffer
 from asr.data.librispeech import DataError, Problem, apply_policy, locate, parts, scan_directory
 from tests.conftest import write_flac
 
@@ -152,24 +152,25 @@ def test_a_batch_is_decoded_padded_and_leaves_out_what_fails(tmp_path, tokenizer
     assert batch["skipped"][1][1].endswith("174-50561-0002.flac")
     lengths = [checks.samples(by_id[i]) for i in batch["ids"]]
     assert lengths[1] == 16_000  # the 8 kHz clip, resampled
-    assert batch["lengths"].tolist() == lengths
+    assert batch["lengths"] == lengths
     assert batch["input_values"].shape == (3, max(lengths)) and batch["input_values"].dtype == torch.int16
     for k, (utt_id, n) in enumerate(zip(batch["ids"], lengths, strict=True)):
         alone = checks.decode(by_id[utt_id], by_id[utt_id].path)
         np.testing.assert_array_equal(batch["input_values"][k, :n].numpy(), alone)
         assert not batch["input_values"][k, n:].any()
-        assert tokenizer.decode(batch["labels"][k, : batch["label_lengths"][k]].tolist()) == batch["texts"][k]
+        assert tokenizer.decode(batch["labels"][k]) == batch["texts"][k]
     with pytest.raises(DataError, match="174-50561-0002"):
         checks.batch([(u, u.path) for u in chosen], on_error="raise")
 
 
 def test_model_inputs_normalise_each_utterance_over_its_own_samples():
     pcm = [torch.randint(-3000, 3000, (n,), dtype=torch.int16) + offset for n, offset in ((900, 500), (400, -20))]
-    batch = pad([900, 400], [[1], [2]])
+    buffer = pcm_buffer([900, 400])
     for k, row in enumerate(pcm):
-        batch["input_values"][k, : len(row)] = row
-    inputs = model_inputs(batch)
-    assert inputs["attention_mask"].sum(1).tolist() == [900, 400]
+        buffer[k, : len(row)] = row
+    inputs = model_inputs({"input_values": buffer, "lengths": [900, 400], "labels": [[5, 6], [7]]})
+    assert inputs["attention_mask"].sum(1).tolist() == inputs["lengths"].tolist() == [900, 400]
+    assert inputs["labels"].tolist() == [[5, 6], [7, -100]] and inputs["label_lengths"].tolist() == [2, 1]
     for k, row in enumerate(pcm):
         audio = row.double() / 32768
         expected = (audio - audio.mean()) / torch.sqrt(audio.var(unbiased=False) + 1e-7)
@@ -182,7 +183,7 @@ class _PadInAWorker(torch.utils.data.Dataset):
         return 1
 
     def __getitem__(self, index):
-        return pad([3, 5], [[1], [2, 3]])["input_values"].is_shared()
+        return pcm_buffer([3, 5]).is_shared()
 
 
 def test_batches_are_made_in_shared_memory_inside_workers():

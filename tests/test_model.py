@@ -162,7 +162,7 @@ def test_packed_training_forward_reads_nothing_back_from_the_device(tokenizer):
     audio, mask = padded([16000, 9000])
     for packed, works in ((True, True), (False, False)):
         module = make_module(tokenizer, config=config, packed=packed, freeze_feature_encoder=False).train()
-        batch = module.on_before_batch_transfer({"input_values": audio, "lengths": mask.sum(-1)}, 0)
+        batch = module.on_before_batch_transfer({"input_values": audio, "lengths": mask.sum(-1).tolist()}, 0)
         packing = batch.get("packing")
         module.to("meta")
         meta_packing = packing.to("meta") if packing is not None else None

@@ -136,7 +136,7 @@ def loader_rate(datamodule, workers: int, seconds: float) -> float:
                 start = time.perf_counter()
                 continue
             # The model's inputs, made here on the host (on a GPU they are made there, after the transfer).
-            audio += batch["lengths"].numpy().sum() / 16_000
+            audio += sum(batch["lengths"]) / 16_000
             if time.perf_counter() - start > seconds:
                 break
     elapsed = time.perf_counter() - start
@@ -152,7 +152,7 @@ def model_inputs_cost(datamodule, batches: int = 20) -> float:
     start = time.perf_counter()
     for batch in loaded:
         model_inputs(batch)
-    return 1000 * (time.perf_counter() - start) / sum(float(b["lengths"].sum()) / 16_000 for b in loaded)
+    return 1000 * (time.perf_counter() - start) / sum(sum(b["lengths"]) / 16_000 for b in loaded)
 
 
 def train_data(overrides: list[str]):

@@ -102,70 +102,68 @@ class Checks:
 
     def batch(self, records: Sequence[tuple[Utterance, str | BinaryIO]], on_error: str,
               skipped: Sequence[tuple[str, str]] = ()) -> dict:
-        """Decode utterances into one zero-padded batch (see :func:`pad`). Under ``on_error="skip"`` the ones
-        that fail are left out and listed as (reason, file) in ``skipped``, after the given ``skipped``."""
+        """Decode utterances into one zero-padded 16-bit PCM buffer (:func:`pcm_buffer`): a loader batch, with
+        ``lengths``, ``labels`` (token ids), ``texts``, ``ids`` and ``skipped`` as lists. Under
+        ``on_error="skip"`` the utterances that fail are left out and listed as (reason, file) in ``skipped``,
+        after the given ``skipped``. :func:`model_inputs` makes the model's inputs from it."""
         lengths = [self.samples(utt) for utt, _ in records]
-        texts = [normalize(utt.transcript) for utt, _ in records]
-        batch = pad(lengths, [self.tokenizer.encode(t) for t in texts])
-        pcm = batch["input_values"].numpy()
+        pcm = pcm_buffer(lengths)
         failed = []
         for k, ((utt, source), n) in enumerate(zip(records, lengths, strict=True)):
             try:
-                self.decode(utt, source, out=pcm[k, :n])
+                self.decode(utt, source, out=pcm.numpy()[k, :n])
             except DataError as err:
                 if on_error == "raise":
                     raise
                 failed.append(k)
                 skipped = [*skipped, (err.reason, utt.where)]
-        if failed:  # rare: a copy of the batch without them
+        if failed:  # rare: a copy of the buffer without them
             keep = [k for k in range(len(records)) if k not in failed]
-            width = max((lengths[k] for k in keep), default=0)
-            batch = {key: value[keep] for key, value in batch.items()}
-            batch["input_values"] = batch["input_values"][:, :width]
-            records, texts = [records[k] for k in keep], [texts[k] for k in keep]
-        batch.update(texts=texts, ids=[utt.id for utt, _ in records], skipped=list(skipped))
-        return batch
+            records, lengths = [records[k] for k in keep], [lengths[k] for k in keep]
+            pcm = pcm[keep, : max(lengths, default=0)]
+        texts = [normalize(utt.transcript) for utt, _ in records]
+        return {"input_values": pcm, "lengths": lengths, "labels": [self.tokenizer.encode(t) for t in texts],
+                "texts": texts, "ids": [utt.id for utt, _ in records], "skipped": list(skipped)}
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor; in shared memory inside a DataLoader worker, so that handing the batch to the
-    main process copies nothing (torch's default_collate does the same)."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-
-
-def pad(lengths: Sequence[int], labels: Sequence[Sequence[int]]) -> dict:
-    """A batch to fill: ``input_values`` (int16 PCM, zero beyond each length; the rows are left to the caller),
-    ``lengths``, ``labels`` padded with -100 (transformers' ignore index) and ``label_lengths``.
+def pcm_buffer(lengths: Sequence[int]) -> torch.Tensor:
+    """Rows of 16-bit PCM to decode into, zero beyond each length (the rows themselves are left to the caller).
 
     16-bit PCM is what FLAC holds: half the bytes of float32 to pass between processes and to copy to the GPU.
-    :func:`model_inputs` makes the model's float input and attention mask from it, on the device."""
-    width, label_width = max(lengths, default=0), max(map(len, labels), default=0)
-    pcm = _empty((len(lengths), width), torch.int16)
-    padded_labels = _empty((len(labels), label_width), torch.int64)
-    # numpy, not torch: torch's small multi-threaded ops are slower than the decoding on a busy CPU.
-    pcm_np, labels_np = pcm.numpy(), padded_labels.numpy()
-    labels_np.fill(-100)
-    for k, (n, label) in enumerate(zip(lengths, labels, strict=True)):
-        pcm_np[k, n:] = 0
-        labels_np[k, : len(label)] = label
-    return {"input_values": pcm, "lengths": torch.tensor(lengths, dtype=torch.int64), "labels": padded_labels,
-            "label_lengths": torch.tensor([len(label) for label in labels], dtype=torch.int64)}
+    Inside a DataLoader worker the buffer is in shared memory, so that handing it to the main process copies
+    nothing (torch's default_collate does the same). It is the batch's only tensor: each tensor a worker sends
+    costs a shared-memory segment and a file-descriptor handshake, which weigh on small batches."""
+    shape = (len(lengths), max(lengths, default=0))
+    if get_worker_info() is None:
+        pcm = torch.empty(shape, dtype=torch.int16)
+    else:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * 2)
+        pcm = torch.empty(0, dtype=torch.int16).set_(storage, 0, shape)
+    for k, n in enumerate(lengths):
+        pcm.numpy()[k, n:] = 0  # numpy: torch's small multi-threaded ops are slow on a busy CPU
+    return pcm
 
 
 def model_inputs(batch: dict) -> dict:
-    """A loader batch as the model takes it: each utterance's audio as float, normalised to zero mean and unit
-    variance over its own samples (as Wav2Vec2FeatureExtractor(do_normalize=True)), zero padding, and the
-    ``attention_mask``. Meant for the device, after the transfer."""
-    pcm, lengths = batch["input_values"], batch["lengths"]
-    mask = torch.arange(pcm.shape[1], device=pcm.device)[None, :] < lengths[:, None]
+    """A loader batch as the model takes it, on the device of its audio (meant for after the transfer):
+
+    - ``input_values``: each utterance as float, normalised to zero mean and unit variance over its own samples
+      (as Wav2Vec2FeatureExtractor(do_normalize=True)), zero padding; ``attention_mask``; ``lengths``;
+    - ``labels`` padded with -100 (transformers' ignore index), and ``label_lengths``.
+    """
+    pcm, device = batch["input_values"], batch["input_values"].device
+    labels = np.full((len(batch["labels"]), max(map(len, batch["labels"]), default=0)), -100, dtype=np.int64)
+    for k, label in enumerate(batch["labels"]):
+        labels[k, : len(label)] = label
+    lengths = torch.tensor(batch["lengths"], dtype=torch.int64).to(device)
+    mask = torch.arange(pcm.shape[1], device=device)[None, :] < lengths[:, None]
     audio = pcm.float() / 32768
     count = lengths.clamp(min=1)[:, None].float()
     centered = (audio - audio.sum(1, keepdim=True) / count) * mask
     variance = centered.square().sum(1, keepdim=True) / count
-    return {**batch, "input_values": centered * torch.rsqrt(variance + 1e-7), "attention_mask": mask}
+    return {**batch, "input_values": centered * torch.rsqrt(variance + 1e-7), "attention_mask": mask,
+            "lengths": lengths, "labels": torch.from_numpy(labels).to(device),
+            "label_lengths": torch.tensor([len(label) for label in batch["labels"]], dtype=torch.int64).to(device)}
 
 
 class SpeechDataset(Dataset):
