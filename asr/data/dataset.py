@@ -155,15 +155,21 @@ def model_inputs(batch: dict) -> dict:
     labels = np.full((len(batch["labels"]), max(map(len, batch["labels"]), default=0)), -100, dtype=np.int64)
     for k, label in enumerate(batch["labels"]):
         labels[k, : len(label)] = label
-    lengths = torch.tensor(batch["lengths"], dtype=torch.int64).to(device)
+    label_lengths = np.array([len(label) for label in batch["labels"]], dtype=np.int64)
+
+    def to_device(array: np.ndarray) -> torch.Tensor:
+        # non_blocking: a blocking copy to a GPU waits for all the work queued there (the previous step); from
+        # pageable memory CUDA stages the bytes before returning, so the host array may go at once.
+        return torch.from_numpy(array).to(device, non_blocking=True)
+
+    lengths = to_device(np.asarray(batch["lengths"], dtype=np.int64))
     mask = torch.arange(pcm.shape[1], device=device)[None, :] < lengths[:, None]
     audio = pcm.float() / 32768
     count = lengths.clamp(min=1)[:, None].float()
     centered = (audio - audio.sum(1, keepdim=True) / count) * mask
     variance = centered.square().sum(1, keepdim=True) / count
     return {**batch, "input_values": centered * torch.rsqrt(variance + 1e-7), "attention_mask": mask,
-            "lengths": lengths, "labels": torch.from_numpy(labels).to(device),
-            "label_lengths": torch.tensor([len(label) for label in batch["labels"]], dtype=torch.int64).to(device)}
+            "lengths": lengths, "labels": to_device(labels), "label_lengths": to_device(label_lengths)}
 
 
 class SpeechDataset(Dataset):
