@@ -2,7 +2,6 @@
 # Fetch into .whl/ the wheels that scripts/gpu_bench.sh installs on the GPU machine (Python 3.12, x86-64), whose
 # image lacks them. Run here, once, before the device call; .whl/ is git-ignored.
 set -euo pipefail
-grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
 mkdir -p .whl
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \

@@ -27,3 +27,15 @@ def test_bench_command_reports_throughput_and_padding(demo_root, tmp_path):
     assert synthetic["sampler"] >= 0.97 and synthetic["stream_buffer"] >= 0.97
     assert synthetic["random_fixed_size"] < synthetic["length_grouped"] < synthetic["sampler"]
     assert set(report["padding"]["corpus"]) == set(synthetic)
+
+
+def test_an_empty_train_loader_is_an_error_not_an_endless_wait():
+    import types
+
+    import pytest
+
+    from asr.data.bench import loader_rate
+
+    datamodule = types.SimpleNamespace(train_splits=["train"], train_dataloader=lambda: [])
+    with pytest.raises(ValueError, match=r"\['train'\].*yields no batches"):
+        loader_rate(datamodule, 0, 1.0)

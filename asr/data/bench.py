@@ -69,11 +69,12 @@ def write_long_files(utterances: list[Utterance], root: Path, files: int, seed: 
     chapter.mkdir(parents=True)
     lines = []
     for k, duration in enumerate(train_clean_100_durations(files, rng)):
-        pieces, words = [], []
-        while sum(len(p) for p in pieces) < duration * SAMPLE_RATE:
+        pieces, words, samples = [], [], 0
+        while samples < duration * SAMPLE_RATE:
             utt = next(source)
             pieces.append(sf.read(utt.path, dtype="int16")[0])
             words.append(utt.transcript)
+            samples += len(pieces[-1])
         sf.write(chapter / f"1-1-{k:04d}.flac", np.concatenate(pieces), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
         lines.append(f"1-1-{k:04d} {' '.join(words)}")
     (chapter / "1-1.trans.txt").write_text("\n".join(lines) + "\n")
@@ -131,14 +132,17 @@ def loader_rate(datamodule, workers: int, seconds: float) -> float:
     loader = datamodule.train_dataloader()
     audio, start = 0.0, None
     while start is None or time.perf_counter() - start < seconds:
+        batches = 0
         for batch in loader:
+            batches += 1
             if start is None:
                 start = time.perf_counter()
                 continue
-            # The model's inputs, made here on the host (on a GPU they are made there, after the transfer).
             audio += sum(batch["lengths"]) / 16_000
             if time.perf_counter() - start > seconds:
                 break
+        if batches == 0:
+            raise ValueError(f"the train loader of {datamodule.train_splits} yields no batches")
     elapsed = time.perf_counter() - start
     del loader
     return audio / elapsed

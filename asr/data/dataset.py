@@ -108,10 +108,10 @@ class Checks:
         after the given ``skipped``. :func:`model_inputs` makes the model's inputs from it."""
         lengths = [self.samples(utt) for utt, _ in records]
         pcm = pcm_buffer(lengths)
-        failed = []
+        rows, failed = pcm.numpy(), []
         for k, ((utt, source), n) in enumerate(zip(records, lengths, strict=True)):
             try:
-                self.decode(utt, source, out=pcm.numpy()[k, :n])
+                self.decode(utt, source, out=rows[k, :n])
             except DataError as err:
                 if on_error == "raise":
                     raise
@@ -187,7 +187,8 @@ class SpeechDataset(Dataset):
         return self.__getitems__([index])
 
     def __getitems__(self, indices: list[int]) -> dict:
-        """A whole batch: the DataLoader hands the batch sampler's indices here (then ``collate_fn=as_is``)."""
+        """A whole batch: the DataLoader hands the batch sampler's indices here, and its ``collate_fn`` passes
+        the batch on as is."""
         return self.checks.batch([(self.utterances[i], self.utterances[i].path) for i in indices], self.on_error)
 
 
