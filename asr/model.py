@@ -65,6 +65,7 @@ class SpeechRecognizer(L.LightningModule):
         device_specaugment: bool = True,
         sync_free_logging: bool = True,
         packed: bool = False,
+        onednn_conv: bool = True,
         compile: str | None = None,
         compile_options: dict | None = None,
     ) -> None:
@@ -77,6 +78,8 @@ class SpeechRecognizer(L.LightningModule):
           progress bar reads back;
         - ``packed``: the transformer layers run on the valid frames only, with variable-length attention
           (``attn_implementation`` becomes ``asr_packed``; HuBERT and wav2vec 2.0);
+        - ``onednn_conv``: False runs CPU convolutions (forward and backward) with PyTorch's native kernels
+          instead of oneDNN's, much faster for a trained feature encoder on variable-width batches;
         - ``compile``: ``layers`` (and/or ``feature_encoder``, joined with ``+``) compiles those modules,
           in place, with ``compile_options`` when fitting or testing starts.
         """
@@ -156,15 +159,21 @@ class SpeechRecognizer(L.LightningModule):
                 lengths, frames, cfg.mask_time_prob, cfg.mask_time_length, cfg.mask_time_min_masks
             )
         if self.packed_encoder is None:
-            return self.backbone(input_values, attention_mask=attention_mask, **kwargs).logits, lengths
+            with speedups.onednn(self.hparams.onednn_conv):
+                return self.backbone(input_values, attention_mask=attention_mask, **kwargs).logits, lengths
         if packing is None:
             packing = self._packing(attention_mask.sum(-1), attention_mask.shape[1])
         self.packed_encoder.asr_packing = packing.to(input_values.device, non_blocking=True)
         try:
-            logits = self.backbone(input_values, attention_mask=attention_mask, **kwargs).logits
+            with speedups.onednn(self.hparams.onednn_conv):
+                logits = self.backbone(input_values, attention_mask=attention_mask, **kwargs).logits
         finally:
             self.packed_encoder.asr_packing = None
         return logits, lengths
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        with speedups.onednn(self.hparams.onednn_conv):
+            super().backward(loss, *args, **kwargs)
 
     def ctc_loss(self, logits: torch.Tensor, lengths: torch.Tensor, batch: dict) -> torch.Tensor:
         """CTC summed over the batch, divided by its number of target tokens."""

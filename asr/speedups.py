@@ -9,11 +9,17 @@
   padding.
 - :func:`compile_regions`: ``torch.compile`` of repeated regions (each transformer layer), not the whole
   model.
+- :func:`onednn`: CPU convolutions with PyTorch's own kernels instead of oneDNN's. On variable-width batches,
+  oneDNN's convolution backward took 80-110 ms a step for the demo's small feature encoder (perf: kernels
+  JIT-generated again, and OpenMP threads waiting), several times its cost on a repeated shape; with the
+  native kernels the demo's steps are 1.4-1.6x faster (``asr.bench``, README).
 """
 
 from __future__ import annotations
 
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +27,17 @@ import torch.nn.functional as F
 from torch import nn
 
 PACKED_ATTENTION = "asr_packed"
+
+
+@contextmanager
+def onednn(enabled: bool) -> Iterator[None]:
+    """Use oneDNN (mkldnn) for CPU operators, convolutions above all, only if ``enabled``, inside the block."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
 
 
 # ----------------------------------------------------------------------------------------------- SpecAugment

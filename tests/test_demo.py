@@ -46,5 +46,6 @@ def test_demo_reaches_the_target_wer(tmp_path):
     (metrics_file,) = tmp_path.glob("outputs/*/*/metrics.json")
     metrics = json.loads(metrics_file.read_text())
     print(json.dumps(metrics, indent=1), f"wall time {elapsed:.0f} s")
-    assert metrics["test/test-seen/wer"] <= 0.45
+    # The target is 0.45 and its stretch goal 0.30; measured 0.124 and 0.128.
+    assert metrics["test/test-seen/wer"] <= 0.30
     assert elapsed <= 15 * 60

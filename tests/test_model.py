@@ -234,3 +234,33 @@ def test_sync_free_logging_logs_the_mean_loss_with_a_fused_clipped_optimizer(tok
     expected = [(losses[0] + losses[1]) / 2, (losses[2] + losses[3]) / 2]
     assert [float(r["train/loss"]) for r in rows] == pytest.approx(expected, rel=1e-5)
     assert trainer.progress_bar_metrics["train/loss"] == pytest.approx(expected[-1], rel=1e-5)
+
+
+def test_native_cpu_convolutions_give_the_same_results_and_cover_the_backward(tokenizer):
+    import lightning as L
+
+    torch.manual_seed(0)
+    config = {**FAST, "conv_dim": [16, 16], "conv_kernel": [10, 4], "conv_stride": [5, 4]}
+    onednn = make_module(tokenizer, config=config, freeze_feature_encoder=False)
+    native = make_module(tokenizer, config=config, freeze_feature_encoder=False, onednn_conv=False)
+    native.load_state_dict(onednn.state_dict())
+    audio, mask = padded([16000, 9000])
+    batch = {"input_values": audio, "attention_mask": mask, "labels": torch.tensor([[5, 6], [7, -100]]),
+             "label_lengths": torch.tensor([2, 1]), "ids": ["a", "b"], "texts": ["ET", "A"]}
+    grads = []
+    for module in (onednn, native):
+        logits, lengths = module.eval()(audio, mask)  # eval: no dropout or SpecAugment draws
+        module.ctc_loss(logits, lengths, batch).backward()
+        grads.append(module.backbone.base_model.feature_extractor.conv_layers[0].conv.weight.grad)
+    # Summed over thousands of positions in another order: equal to float32 rounding, relative to the largest.
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4 * float(grads[0].abs().max()), rtol=1e-3)
+
+    flag_in_backward = []
+    native.train()
+    conv = native.backbone.base_model.feature_extractor.conv_layers[0].conv
+    conv.weight.register_hook(lambda grad: flag_in_backward.append(torch.backends.mkldnn.enabled))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(native, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
+    assert flag_in_backward == [False]
+    assert torch.backends.mkldnn.enabled  # restored after the step
