@@ -13,8 +13,8 @@ OFFLINE_HINT = "To try the whole pipeline offline on CPU, run: python -m asr.tra
 
 
 def missing_data(data: DictConfig) -> str | None:
-    if data.get("demo_corpus") is not None or data.get("archive_url"):
-        return None  # synthesised on first use, or streamed from a URL
+    if data.get("demo_corpus") is not None or data.get("archive_url") or data.get("hf_dataset"):
+        return None  # synthesised on first use, streamed from a URL, or read (or downloaded) by datasets
     splits = dict.fromkeys([*data.train_splits, *data.val_splits, *data.test_splits])
     absent = []
     for part in dict.fromkeys(p for split in splits for p in parts(split)):

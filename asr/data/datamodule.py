@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from asr.data import hf
 from asr.data.archive import is_archive
 from asr.data.batching import DurationBatchSampler
 from asr.data.dataset import Checks, SpeechDataset, StreamDataset, model_inputs, stream_shard_count
@@ -64,6 +65,7 @@ class SpeechDataModule(L.LightningDataModule):
         min_samples: int = 400,
         frames_per_second: float = 50.0,
         archive_url: str | None = None,
+        hf_dataset: str | None = None,
         manifest_dir: str | None = None,
         scan_workers: int = 8,
         shuffle_buffer: int = 1000,
@@ -87,6 +89,7 @@ class SpeechDataModule(L.LightningDataModule):
         self.seed = seed
         self.on_error = on_error
         self.archive_url = archive_url
+        self.hf_dataset = hf_dataset
         self.manifest_dir = Path(manifest_dir or Path(root) / "manifests").expanduser()
         self.scan_workers = scan_workers
         self.shuffle_buffer = shuffle_buffer
@@ -102,6 +105,8 @@ class SpeechDataModule(L.LightningDataModule):
         self._skip_key: tuple[str, int] | None = None
 
     def locations(self, split: str) -> list[str]:
+        if self.hf_dataset:
+            return [hf.location(self.hf_dataset, part) for part in parts(split)]
         return [locate(self.root, part, self.archive_url) for part in parts(split)]
 
     def is_stream(self, splits: list[str]) -> bool:

@@ -17,6 +17,7 @@ import torch
 import torchaudio.functional as AF
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from asr.data import hf
 from asr.data.archive import read_archive
 from asr.data.batching import bucket_stream
 from asr.data.librispeech import SAMPLE_RATE, DataError, Problem, Utterance
@@ -189,7 +190,9 @@ class SpeechDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> dict:
         """A whole batch: the DataLoader hands the batch sampler's indices here, and its ``collate_fn`` passes
         the batch on as is."""
-        return self.checks.batch([(self.utterances[i], self.utterances[i].path) for i in indices], self.on_error)
+        utterances = [self.utterances[i] for i in indices]
+        return self.checks.batch([(u, hf.audio(u) if hf.is_hf(u.path) else u.path) for u in utterances],
+                                 self.on_error)
 
 
 def stream_rng(seed: int, epoch: int, pass_: int, shard: int) -> random.Random:

@@ -30,13 +30,14 @@ def parts(split: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Utterance:
     id: str
-    path: str  # the audio file, or the archive that holds ``member``
+    path: str  # the audio file, or the archive (or Hugging Face split, asr.data.hf) that holds ``member``
     transcript: str
     speaker: str
     num_samples: int
     sample_rate: int
-    member: str | None = None  # the audio's name inside the archive ``path``
-    index: int = 0  # the audio's position among the archive's audio members, which picks its stream shard
+    member: str | None = None  # the audio's name inside the archive ``path`` (a Hugging Face split: its id)
+    # The audio's position among the archive's audio members, which picks its stream shard (Hugging Face: its row)
+    index: int = 0
 
     @property
     def duration(self) -> float:

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from asr.data import hf
 from asr.data.archive import is_archive, is_url, read_archive
 from asr.data.librispeech import Problem, Utterance, progress_bar, scan_directory
 
@@ -32,7 +33,10 @@ class Manifest:
 
 
 def fingerprint(location: str) -> str:
-    """A cheap identity of a source: a folder's file names, sizes and times; an archive's size and time."""
+    """A cheap identity of a source: a folder's file names, sizes and times; an archive's size and time; a
+    Hugging Face split's cache files'."""
+    if hf.is_hf(location):
+        return hf.fingerprint(location)
     if is_url(location):
         try:
             request = urllib.request.Request(location, method="HEAD")
@@ -58,7 +62,10 @@ def fingerprint(location: str) -> str:
 
 
 def scan(location: str, workers: int = 1) -> Manifest:
-    """Read every transcript and audio header of a folder (in parallel) or an archive (in one pass)."""
+    """Read every transcript and audio header of a folder (in parallel), an archive (in one pass) or a Hugging
+    Face split."""
+    if hf.is_hf(location):
+        return Manifest(location, "", *hf.scan(location))
     if not is_archive(location):
         return Manifest(location, "", *scan_directory(location, workers))
     utterances, problems = [], []

@@ -1,0 +1,86 @@
+"""The Hugging Face copy of LibriSpeech (``openslr/librispeech_asr``) as a source, through the optional ``datasets``
+library (``pip install -e ".[hf]"``).
+
+A part is read from the dataset's ``all`` config, whose split names are LibriSpeech's with dots
+(``train.clean.100``, ``validation.clean``, ``test.other``...), from the Hugging Face cache, a hub download or a
+local copy of the dataset's folder. Its rows become the same :class:`Utterance` records as the folders and
+archives, with the row as ``index``; the FLAC bytes are decoded by our reader, not by ``datasets``.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+
+import soundfile as sf
+
+from asr.data.librispeech import Problem, Utterance, progress_bar
+
+PREFIX = "hf://"
+CONFIG = "all"
+_ROWS = 1000  # rows read at a time by the scan
+
+
+def location(dataset: str, part: str) -> str:
+    """``hf://<dataset>#<split>``: LibriSpeech ``part`` (e.g. ``dev-clean``) in the Hugging Face dataset
+    ``dataset``, a hub id or a folder."""
+    split = "validation" + part.removeprefix("dev") if part.startswith("dev-") else part
+    return f"{PREFIX}{dataset}#{split.replace('-', '.')}"
+
+
+def is_hf(location: str) -> bool:
+    return location.startswith(PREFIX)
+
+
+@functools.cache
+def open_split(location: str):
+    """The split as a ``datasets.Dataset`` (memory-mapped; once per process), audio left as FLAC bytes."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(f'{location} needs the datasets library: pip install -e ".[hf]"') from err
+    dataset, _, split = location.removeprefix(PREFIX).rpartition("#")
+    return datasets.load_dataset(dataset, CONFIG, split=split).cast_column("audio", datasets.Audio(decode=False))
+
+
+def fingerprint(location: str) -> str:
+    """The sizes and times of the split's cache files: they change when the dataset is rebuilt."""
+    stats = (os.stat(f["filename"]) for f in open_split(location).cache_files)
+    return ";".join(f"{s.st_size}/{s.st_mtime_ns}" for s in stats)
+
+
+def _source(audio: dict) -> io.BytesIO | str:
+    """The embedded bytes of an audio value (as in openslr/librispeech_asr), else the file it names."""
+    return io.BytesIO(audio["bytes"]) if audio["bytes"] else audio["path"] or ""
+
+
+def audio(utt: Utterance) -> io.BytesIO | str:
+    """The audio of a row, to decode."""
+    return _source(open_split(utt.path)[utt.index]["audio"])
+
+
+def scan(location: str) -> tuple[list[Utterance], list[Problem]]:
+    """Every row's id, transcript, speaker and audio header (read from the FLAC bytes); and the problems."""
+    split = open_split(location)
+    utterances, problems = [], []
+    with progress_bar() as progress:
+        task = progress.add_task(f"Scanning {location}", total=len(split))
+        for start in range(0, len(split), _ROWS):
+            rows = split[start : start + _ROWS]
+            for k, (utt_id, text, speaker, flac) in enumerate(
+                zip(rows["id"], rows["text"], rows["speaker_id"], rows["audio"], strict=True)
+            ):
+                where = f"{location}:{utt_id}"
+                if not text.strip():
+                    problems.append(Problem("empty transcript", where, f"row {start + k} has no text"))
+                    continue
+                try:
+                    info = sf.info(_source(flac))
+                except (sf.LibsndfileError, RuntimeError) as err:
+                    problems.append(Problem("unreadable audio", where, f"cannot read the audio header: {err}"))
+                    continue
+                utterances.append(Utterance(utt_id, location, text, str(speaker), info.frames, info.samplerate,
+                                            member=utt_id, index=start + k))
+            progress.advance(task, len(rows["id"]))
+    return utterances, problems

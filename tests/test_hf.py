@@ -1,0 +1,113 @@
+"""LibriSpeech from a Hugging Face dataset folder laid out as openslr/librispeech_asr (config ``all``, Parquet)."""
+
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from asr.data import hf
+from tests.test_datamodule import make_datamodule, ready
+
+datasets = pytest.importorskip("datasets")
+
+README = """---
+configs:
+- config_name: all
+  data_files:
+  - split: validation.clean
+    path: all/validation.clean-*
+  - split: test.clean
+    path: all/test.clean-*
+---
+"""
+
+
+def flac(samples: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, 16_000, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def write_split(folder, split, rows):
+    # Audio as its storage struct, then cast: encoding audio values would need torchcodec.
+    features = datasets.Features({
+        "file": datasets.Value("string"),
+        "audio": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+        "text": datasets.Value("string"), "speaker_id": datasets.Value("int64"),
+        "chapter_id": datasets.Value("int64"), "id": datasets.Value("string"),
+    })
+    columns = {key: [row[key] for row in rows] for key in features}
+    table = datasets.Dataset.from_dict(columns, features=features).cast_column("audio", datasets.Audio(16_000))
+    (folder / "all").mkdir(parents=True, exist_ok=True)
+    table.to_parquet(folder / "all" / f"{split}-00000-of-00001.parquet")
+
+
+def row(utt_id, text, audio_bytes):
+    speaker, chapter, _ = utt_id.split("-")
+    return {"file": f"{utt_id}.flac", "audio": {"bytes": audio_bytes, "path": f"{utt_id}.flac"}, "text": text,
+            "speaker_id": int(speaker), "chapter_id": int(chapter), "id": utt_id}
+
+
+@pytest.fixture
+def hf_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    hf.open_split.cache_clear()
+    rng = np.random.default_rng(0)
+    audio = {f"84-121-{k:04d}": rng.integers(-3000, 3000, 16_000 + 1000 * k).astype(np.int16) for k in range(5)}
+    folder = tmp_path / "librispeech_asr"
+    folder.mkdir()
+    (folder / "README.md").write_text(README)
+    write_split(folder, "validation.clean", [
+        *(row(utt_id, f"WORD {'ABCDE'[k]}", flac(a)) for k, (utt_id, a) in enumerate(audio.items())),
+        row("84-121-0090", "BROKEN", b"not a flac file"),
+        row("84-121-0091", "", flac(audio["84-121-0000"])),
+    ])
+    write_split(folder, "test.clean", [row("61-70-0000", "HELLO WORLD", flac(audio["84-121-0001"]))])
+    yield folder, audio
+    hf.open_split.cache_clear()
+
+
+def test_split_names_map_to_the_all_config():
+    assert hf.location("openslr/librispeech_asr", "dev-other") == "hf://openslr/librispeech_asr#validation.other"
+    assert hf.location("/data/ls", "train-clean-100") == "hf:///data/ls#train.clean.100"
+    assert hf.location("/data/ls", "test-clean") == "hf:///data/ls#test.clean"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batches_problems_and_exact_audio_from_a_hugging_face_folder(hf_folder, tokenizer, tmp_path, workers):
+    folder, audio = hf_folder
+    dm = ready(make_datamodule(tmp_path / "unused", tokenizer, hf_dataset=str(folder), train_splits=["dev-clean"],
+                               val_splits=["dev-clean"], test_splits=["test-clean"], num_workers=workers,
+                               max_batch_seconds=100, manifest_dir=str(tmp_path / "manifests")))
+    location = f"hf://{folder}#validation.clean"
+    assert dm.locations("dev-clean") == [location]
+    utterances = dm._utterances["dev-clean"]
+    assert {u.id: u.transcript for u in utterances} == {
+        "84-121-0000": "WORD A", "84-121-0001": "WORD B", "84-121-0002": "WORD C", "84-121-0003": "WORD D",
+        "84-121-0004": "WORD E"}
+    assert {u.id: u.num_samples for u in utterances} == {k: len(a) for k, a in audio.items()}
+    assert {u.speaker for u in utterances} == {"84"}
+    assert dm.skipped == {"dev-clean/unreadable audio": 1, "dev-clean/empty transcript": 1}
+    (manifest,) = dm.manifest("dev-clean")
+    assert sorted(p.where for p in manifest.problems) == [f"{location}:84-121-0090", f"{location}:84-121-0091"]
+
+    (batch,) = list(dm.train_dataloader())
+    assert sorted(batch["ids"]) == sorted(audio)
+    for k, utt_id in enumerate(batch["ids"]):
+        np.testing.assert_array_equal(batch["input_values"][k, : batch["lengths"][k]].numpy(), audio[utt_id])
+    dm.setup("test")
+    (test_batch,) = list(dm.test_dataloader()[0])
+    assert test_batch["texts"] == ["HELLO WORLD"]
+
+
+def test_a_bad_row_names_the_split_and_the_utterance_under_raise(hf_folder, tokenizer, tmp_path):
+    from asr.data.librispeech import DataError
+
+    folder, _ = hf_folder
+    dm = make_datamodule(tmp_path, tokenizer, hf_dataset=str(folder), train_splits=["dev-clean"],
+                         val_splits=["dev-clean"], test_splits=["test-clean"], on_error="raise",
+                         manifest_dir=str(tmp_path / "manifests"))
+    dm.prepare_data()
+    with pytest.raises(DataError, match=r"validation\.clean:84-121-009[01]"):
+        dm.setup("fit")
