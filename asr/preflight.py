@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from huggingface_hub import try_to_load_from_cache
@@ -13,8 +14,10 @@ OFFLINE_HINT = "To try the whole pipeline offline on CPU, run: python -m asr.tra
 
 
 def missing_data(data: DictConfig) -> str | None:
-    if data.get("demo_corpus") is not None or data.get("archive_url") or data.get("hf_dataset"):
-        return None  # synthesised on first use, streamed from a URL, or read (or downloaded) by datasets
+    if data.get("hf_dataset"):
+        return _missing_hf_dataset(data.hf_dataset)
+    if data.get("demo_corpus") is not None or data.get("archive_url"):
+        return None  # synthesised on first use, or streamed from a URL
     splits = dict.fromkeys([*data.train_splits, *data.val_splits, *data.test_splits])
     absent = []
     for part in dict.fromkeys(p for split in splits for p in parts(split)):
@@ -29,12 +32,22 @@ def missing_data(data: DictConfig) -> str | None:
         f"{split_dir(data.root, '').resolve()} or as <split>.tar.gz archives in "
         f"{Path(data.root).expanduser().resolve()}. Download it with `python -m asr.data download data.root=DIR` "
         "(or put the OpenSLR archives from https://www.openslr.org/12 in DIR, or stream them with "
-        "data.archive_url=https://www.openslr.org/resources/12), then pass data.root=DIR."
+        "data.archive_url=https://www.openslr.org/resources/12), then pass data.root=DIR; or read the Hugging Face "
+        'copy with data.hf_dataset=openslr/librispeech_asr (pip install -e ".[hf]").'
     )
 
 
-def _is_path(pretrained: str) -> bool:
-    return pretrained.startswith(("/", "./", "../", "~")) or Path(pretrained).expanduser().exists()
+def _missing_hf_dataset(dataset: str) -> str | None:
+    """A hub id is left to ``datasets`` (from its cache, or downloaded); a folder must exist."""
+    if importlib.util.find_spec("datasets") is None:
+        return f'data.hf_dataset={dataset} needs the datasets library: pip install -e ".[hf]".'
+    if _is_path(dataset) and not Path(dataset).expanduser().is_dir():
+        return f"data.hf_dataset={dataset} is not a folder (a local copy of openslr/librispeech_asr, or its hub id)."
+    return None
+
+
+def _is_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
 
 
 def missing_model(pretrained: str | None) -> str | None:

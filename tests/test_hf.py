@@ -111,3 +111,19 @@ def test_a_bad_row_names_the_split_and_the_utterance_under_raise(hf_folder, toke
     dm.prepare_data()
     with pytest.raises(DataError, match=r"validation\.clean:84-121-009[01]"):
         dm.setup("fit")
+
+
+def test_preflight_stops_at_a_missing_folder_and_leaves_hub_ids_to_datasets(tmp_path):
+    from omegaconf import OmegaConf
+
+    from asr.preflight import missing_data
+
+    data = OmegaConf.create({"root": str(tmp_path), "hf_dataset": str(tmp_path / "nowhere"),
+                             "train_splits": ["train-clean-100"], "val_splits": ["dev-clean"], "test_splits": []})
+    assert missing_data(data) == (f"data.hf_dataset={tmp_path / 'nowhere'} is not a folder (a local copy of "
+                                  "openslr/librispeech_asr, or its hub id).")
+    (tmp_path / "librispeech_asr").mkdir()
+    data.hf_dataset = str(tmp_path / "librispeech_asr")
+    assert missing_data(data) is None
+    data.hf_dataset = "openslr/librispeech_asr"
+    assert missing_data(data) is None
