@@ -120,7 +120,7 @@ cp $RUNS/eval_fast/evaluate.json "$OUT/evaluate_fast.json" 2>/dev/null || true
 
 # 4. Ablations (they get the time that is left, less a minute for stage 5): the best configuration ("ours" here), then one switch changed per row.
 # shellcheck disable=SC2086
-stage bench_ablation $(( $(left) - 60 < 300 ? $(left) - 60 : 300 )) python3 -m asr.bench hydra.run.dir=$RUNS/ablation bench.warmup_steps=4 bench.steps=10 $BEST \
+stage bench_ablation $(( $(left) - 75 < 300 ? $(left) - 75 : 300 )) python3 -m asr.bench hydra.run.dir=$RUNS/ablation bench.warmup_steps=4 bench.steps=10 $BEST \
   '+bench.variants.no_compile="model.compile=null"' \
   '+bench.variants.padded_sdpa="model.packed=false"' \
   '+bench.variants.sync_count="bench.sync_debug=true bench.steps=4"' \

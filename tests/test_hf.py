@@ -1,12 +1,16 @@
 """LibriSpeech from a Hugging Face dataset folder laid out as openslr/librispeech_asr (config ``all``, Parquet)."""
 
 import io
+import pickle
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from asr.data import hf
+from asr.data.dataset import Checks, SpeechDataset
+from asr.data.librispeech import DataError
+from asr.data.manifest import load_manifest
 from tests.test_datamodule import make_datamodule, ready
 
 datasets = pytest.importorskip("datasets")
@@ -62,6 +66,8 @@ def hf_folder(tmp_path, monkeypatch):
         *(row(utt_id, f"WORD {'ABCDE'[k]}", flac(a)) for k, (utt_id, a) in enumerate(audio.items())),
         row("84-121-0090", "BROKEN", b"not a flac file"),
         row("84-121-0091", "", flac(audio["84-121-0000"])),
+        row("84-121-0092", None, flac(audio["84-121-0000"])),
+        {**row("84-121-0093", "NO AUDIO", None), "audio": {"bytes": None, "path": None}},
     ])
     write_split(folder, "test.clean", [row("61-70-0000", "HELLO WORLD", flac(audio["84-121-0001"]))])
     yield folder, audio
@@ -70,8 +76,21 @@ def hf_folder(tmp_path, monkeypatch):
 
 def test_split_names_map_to_the_all_config():
     assert hf.location("openslr/librispeech_asr", "dev-other") == "hf://openslr/librispeech_asr#validation.other"
+    assert hf.location("/data/ls", "dev-clean") == "hf:///data/ls#validation.clean"
     assert hf.location("/data/ls", "train-clean-100") == "hf:///data/ls#train.clean.100"
+    assert hf.location("/data/ls", "train-clean-360") == "hf:///data/ls#train.clean.360"
+    assert hf.location("/data/ls", "train-other-500") == "hf:///data/ls#train.other.500"
     assert hf.location("/data/ls", "test-clean") == "hf:///data/ls#test.clean"
+    assert hf.location("/data/ls", "test-other") == "hf:///data/ls#test.other"
+
+
+def test_only_the_asked_split_is_prepared(hf_folder, tmp_path):
+    folder, _ = hf_folder
+    assert len(hf.open_split(hf.location(str(folder), "test-clean"))) == 1
+    prepared = sorted(p.name for p in (tmp_path / "hf-cache").rglob("*.arrow"))
+    assert prepared == ["librispeech_asr-test.clean.arrow"]
+    with pytest.raises(DataError, match=r"no split 'test\.other'.*\['test\.clean', 'validation\.clean'\]"):
+        hf.open_split(hf.location(str(folder), "test-other"))
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -88,9 +107,10 @@ def test_batches_problems_and_exact_audio_from_a_hugging_face_folder(hf_folder, 
         "84-121-0004": "WORD E"}
     assert {u.id: u.num_samples for u in utterances} == {k: len(a) for k, a in audio.items()}
     assert {u.speaker for u in utterances} == {"84"}
-    assert dm.skipped == {"dev-clean/unreadable audio": 1, "dev-clean/empty transcript": 1}
+    assert dm.skipped == {"dev-clean/unreadable audio": 2, "dev-clean/empty transcript": 2}
     (manifest,) = dm.manifest("dev-clean")
-    assert sorted(p.where for p in manifest.problems) == [f"{location}:84-121-0090", f"{location}:84-121-0091"]
+    assert sorted(p.where for p in manifest.problems) == [f"{location}:84-121-009{k}" for k in range(4)]
+    assert "no audio bytes in the row" in next(p.detail for p in manifest.problems if p.where.endswith("0093"))
 
     (batch,) = list(dm.train_dataloader())
     assert sorted(batch["ids"]) == sorted(audio)
@@ -102,14 +122,12 @@ def test_batches_problems_and_exact_audio_from_a_hugging_face_folder(hf_folder, 
 
 
 def test_a_bad_row_names_the_split_and_the_utterance_under_raise(hf_folder, tokenizer, tmp_path):
-    from asr.data.librispeech import DataError
-
     folder, _ = hf_folder
     dm = make_datamodule(tmp_path, tokenizer, hf_dataset=str(folder), train_splits=["dev-clean"],
                          val_splits=["dev-clean"], test_splits=["test-clean"], on_error="raise",
                          manifest_dir=str(tmp_path / "manifests"))
     dm.prepare_data()
-    with pytest.raises(DataError, match=r"validation\.clean:84-121-009[01]"):
+    with pytest.raises(DataError, match=r"validation\.clean:84-121-009[0-3]"):
         dm.setup("fit")
 
 
@@ -127,3 +145,27 @@ def test_preflight_stops_at_a_missing_folder_and_leaves_hub_ids_to_datasets(tmp_
     assert missing_data(data) is None
     data.hf_dataset = "openslr/librispeech_asr"
     assert missing_data(data) is None
+
+
+def test_workers_get_the_opened_split_without_its_audio_or_loading_it_again(hf_folder, tokenizer, monkeypatch):
+    folder, audio = hf_folder
+    location = hf.location(str(folder), "dev-clean")
+    utterances, _ = hf.scan(location)
+    blob = pickle.dumps(SpeechDataset(utterances, Checks(tokenizer)))  # what a spawned worker receives
+    assert flac(audio["84-121-0003"]) not in blob  # the memory-mapped table goes by file name
+    with monkeypatch.context() as patch:
+        patch.setattr(hf, "open_split", lambda location: pytest.fail(f"opened {location} again"))
+        batch = pickle.loads(blob).__getitems__([0, 3])
+    for k, utt_id in enumerate(batch["ids"]):
+        np.testing.assert_array_equal(batch["input_values"][k, : batch["lengths"][k]].numpy(), audio[utt_id])
+
+
+def test_a_rewritten_split_is_scanned_again(hf_folder, tmp_path):
+    folder, audio = hf_folder
+    location = hf.location(str(folder), "test-clean")
+    manifest_path = tmp_path / "manifests" / "test-clean.json"
+    assert [u.transcript for u in load_manifest(location, manifest_path).utterances] == ["HELLO WORLD"]
+    write_split(folder, "test.clean", [row("61-70-0000", "GOODBYE WORLD", flac(audio["84-121-0001"]))])
+    hf.open_split.cache_clear()  # a new process
+    assert [u.transcript for u in load_manifest(location, manifest_path, verify=True).utterances] == [
+        "GOODBYE WORLD"]

@@ -180,6 +180,9 @@ class SpeechDataset(Dataset):
         self.utterances = list(utterances)
         self.checks = checks
         self.on_error = on_error
+        # Hugging Face splits, opened here: workers get them with the dataset (memory-mapped, pickled by file
+        # name when spawned) instead of each loading the dataset again.
+        self.hf_splits = {path: hf.open_split(path) for path in {u.path for u in self.utterances} if hf.is_hf(path)}
 
     def __len__(self) -> int:
         return len(self.utterances)
@@ -191,8 +194,10 @@ class SpeechDataset(Dataset):
         """A whole batch: the DataLoader hands the batch sampler's indices here, and its ``collate_fn`` passes
         the batch on as is."""
         utterances = [self.utterances[i] for i in indices]
-        return self.checks.batch([(u, hf.audio(u) if hf.is_hf(u.path) else u.path) for u in utterances],
-                                 self.on_error)
+        return self.checks.batch([(u, self._source(u)) for u in utterances], self.on_error)
+
+    def _source(self, utt: Utterance) -> str | BinaryIO:
+        return hf.audio(self.hf_splits[utt.path], utt) if utt.path in self.hf_splits else utt.path
 
 
 def stream_rng(seed: int, epoch: int, pass_: int, shard: int) -> random.Random:

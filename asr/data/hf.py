@@ -3,8 +3,9 @@ library (``pip install -e ".[hf]"``).
 
 A part is read from the dataset's ``all`` config, whose split names are LibriSpeech's with dots
 (``train.clean.100``, ``validation.clean``, ``test.other``...), from the Hugging Face cache, a hub download or a
-local copy of the dataset's folder. Its rows become the same :class:`Utterance` records as the folders and
-archives, with the row as ``index``; the FLAC bytes are decoded by our reader, not by ``datasets``.
+local copy of the dataset's folder. Only the files of the asked split are downloaded and prepared (``datasets``
+would otherwise prepare every split of the config). Its rows become the same :class:`Utterance` records as the
+folders and archives, with the row as ``index``; the FLAC bytes are decoded by our reader, not by ``datasets``.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import os
 
 import soundfile as sf
 
-from asr.data.librispeech import Problem, Utterance, progress_bar
+from asr.data.librispeech import DataError, Problem, Utterance, progress_bar
 
 PREFIX = "hf://"
 CONFIG = "all"
-_ROWS = 1000  # rows read at a time by the scan
+_ROWS = 256  # rows read at a time by the scan (LibriSpeech rows hold about 200 kB of FLAC)
 
 
 def location(dataset: str, part: str) -> str:
@@ -35,29 +36,46 @@ def is_hf(location: str) -> bool:
 
 @functools.cache
 def open_split(location: str):
-    """The split as a ``datasets.Dataset`` (memory-mapped; once per process), audio left as FLAC bytes."""
+    """The split as a ``datasets.Dataset`` (memory-mapped; opened once per process), audio left as FLAC bytes."""
     try:
         import datasets
     except ImportError as err:
         raise ImportError(f'{location} needs the datasets library: pip install -e ".[hf]"') from err
     dataset, _, split = location.removeprefix(PREFIX).rpartition("#")
-    return datasets.load_dataset(dataset, CONFIG, split=split).cast_column("audio", datasets.Audio(decode=False))
+    files = datasets.load_dataset_builder(dataset, CONFIG).config.data_files or {}
+    if split not in files:
+        raise DataError(f"{location}: no split {split!r} in the {CONFIG!r} config of {dataset} ({sorted(files)})")
+    table = datasets.load_dataset(dataset, CONFIG, data_files={split: list(files[split])}, split=split)
+    return table.cast_column("audio", datasets.Audio(decode=False))
 
 
 def fingerprint(location: str) -> str:
-    """The sizes and times of the split's cache files: they change when the dataset is rebuilt."""
+    """The sizes and times of the split's cache files: they change when the dataset is prepared again."""
     stats = (os.stat(f["filename"]) for f in open_split(location).cache_files)
     return ";".join(f"{s.st_size}/{s.st_mtime_ns}" for s in stats)
 
 
-def _source(audio: dict) -> io.BytesIO | str:
-    """The embedded bytes of an audio value (as in openslr/librispeech_asr), else the file it names."""
-    return io.BytesIO(audio["bytes"]) if audio["bytes"] else audio["path"] or ""
+def _source(audio: dict) -> io.BytesIO | str | None:
+    """What to decode: the row's embedded FLAC bytes (as in openslr/librispeech_asr), else the file it names;
+    None when it has neither."""
+    if audio.get("bytes"):
+        return io.BytesIO(audio["bytes"])
+    if audio.get("path") and os.path.isfile(audio["path"]):
+        return audio["path"]
+    return None
 
 
-def audio(utt: Utterance) -> io.BytesIO | str:
-    """The audio of a row, to decode."""
-    return _source(open_split(utt.path)[utt.index]["audio"])
+def _no_audio(audio: dict, where: str) -> Problem:
+    return Problem("unreadable audio", where, f"no audio bytes in the row, and {audio.get('path')!r} is not a file")
+
+
+def audio(split, utt: Utterance) -> io.BytesIO | str:
+    """The audio of ``utt`` in ``split`` (:func:`open_split`), to decode."""
+    value = split[utt.index]["audio"]
+    source = _source(value)
+    if source is None:
+        raise DataError.of(_no_audio(value, utt.where))
+    return source
 
 
 def scan(location: str) -> tuple[list[Utterance], list[Problem]]:
@@ -72,11 +90,15 @@ def scan(location: str) -> tuple[list[Utterance], list[Problem]]:
                 zip(rows["id"], rows["text"], rows["speaker_id"], rows["audio"], strict=True)
             ):
                 where = f"{location}:{utt_id}"
-                if not text.strip():
+                if not (text or "").strip():
                     problems.append(Problem("empty transcript", where, f"row {start + k} has no text"))
                     continue
+                source = _source(flac)
+                if source is None:
+                    problems.append(_no_audio(flac, where))
+                    continue
                 try:
-                    info = sf.info(_source(flac))
+                    info = sf.info(source)
                 except (sf.LibsndfileError, RuntimeError) as err:
                     problems.append(Problem("unreadable audio", where, f"cannot read the audio header: {err}"))
                     continue
