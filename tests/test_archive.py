@@ -3,14 +3,18 @@
 import functools
 import http.server
 import threading
+from pathlib import Path
 
+import indexed_gzip
 import pytest
 from torch.utils.data import DataLoader
 
-from asr.data.archive import read_archive
+import asr.data.archive as archive_module
+from asr.data.archive import read_archive, read_members
 from asr.data.datamodule import _as_is
 from asr.data.dataset import Checks, StreamDataset, stream_shard_count
 from asr.data.librispeech import DataError, Problem, scan_directory
+from asr.data.manifest import indexed_archives, load_manifest
 from tests.test_librispeech import CHECK_PROBLEMS, SOURCE_PROBLEMS, USABLE, key, make_archive, write_corpus
 
 
@@ -98,6 +102,56 @@ def stream(archive, tokenizer, rank, world, **kwargs):
                          seed=3, rank=rank, world_size=world, **kwargs)
 
 
+def indexed(archive, tmp_path):
+    """The archive's manifest scan, with its gzip index, as the DataModule hands it to a stream."""
+    manifest = load_manifest(archive, tmp_path / "manifests" / "train-clean-100.json")
+    return indexed_archives([manifest], manifest.utterances)
+
+
+def test_members_read_through_the_index_are_the_streamed_bytes(tmp_path):
+    write_corpus(tmp_path)
+    archive = str(make_archive(tmp_path, "dev-clean", tmp_path / "dev-clean.tar.gz"))
+    streamed = {utt.id: data for utt, data in (r for r in read_archive(archive) if not isinstance(r, Problem))}
+    manifest = load_manifest(archive, tmp_path / "m.json")
+    assert {utt.id: data for utt, data in read_members(archive, manifest.index, manifest.utterances)} == streamed
+    with pytest.raises(DataError, match=r"dev-clean\.tar\.gz: cannot read it through its gzip index"):
+        list(read_members(archive, str(tmp_path / "missing.gzidx"), manifest.utterances))
+
+
+def test_a_region_is_read_without_inflating_the_archive_before_it(tmp_path, monkeypatch):
+    """Shard 2 of 3 reads its members through a seek point after the damaged start of the archive, which
+    streaming has to inflate."""
+    monkeypatch.setattr(archive_module, "INDEX_SPACING", 64 << 10)
+    archive, _ = big_archive(tmp_path, chapters=6, per_chapter=20)
+    (archive_region,) = indexed(archive, tmp_path).values()
+    region = archive_region.region(2, 3)
+    assert region and {u.index * 3 // archive_region.members for u in region} == {2}
+    expected = {utt.id: data for utt, data in read_members(archive, archive_region.index, region)}
+    with indexed_gzip.IndexedGzipFile(archive, index_file=archive_region.index) as f:
+        points = list(f.seek_points())  # (uncompressed, compressed) offsets
+    start = max(compressed for uncompressed, compressed in points if uncompressed <= region[0].offset)
+    assert start > 100_000
+    data = bytearray(Path(archive).read_bytes())
+    data[20_000:start - 20_000] = bytes(start - 40_000)
+    Path(archive).write_bytes(data)
+    assert {utt.id: data for utt, data in read_members(archive, archive_region.index, region)} == expected
+    with pytest.raises(DataError, match=r"train-clean-100\.tar\.gz: damaged"):
+        list(read_archive(archive, 2, 3))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zeroed"])
+@pytest.mark.parametrize("with_index", [False, True])
+def test_a_damaged_archive_is_an_error_that_names_it(tmp_path, damage, with_index):
+    """tarfile alone takes a damaged header for the end of the archive, which would drop the rest silently."""
+    archive, _ = big_archive(tmp_path)
+    data = Path(archive).read_bytes()
+    middle = len(data) // 2
+    data = data[:middle] if damage == "truncated" else data[:middle] + bytes(50_000) + data[middle + 50_000:]
+    Path(archive).write_bytes(data)
+    with pytest.raises(DataError, match=r"train-clean-100\.tar\.gz: (damaged|truncated)"):
+        list(read_archive(archive, index_to=tmp_path / "i.gzidx" if with_index else None))
+
+
 def batches_of(dataset, workers):
     return list(DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=workers))
 
@@ -127,32 +181,44 @@ def test_stream_raise_policy_names_the_member(tmp_path, tokenizer):
         batches_of(dataset, workers=0)
 
 
-def test_training_stream_ranks_get_equal_batch_counts_and_disjoint_data(tmp_path, tokenizer):
+@pytest.mark.parametrize("by_region", [False, True])
+def test_training_stream_ranks_get_equal_batch_counts_and_disjoint_data(tmp_path, tokenizer, by_region):
     archive, transcripts = big_archive(tmp_path)
     utterances = [r[0] for r in read_archive(archive) if not isinstance(r, Problem)]
+    regions = indexed(archive, tmp_path) if by_region else {}
     workers, world = 2, 2
     shards = world * workers
-    counts = [stream_shard_count(utterances, s, shards, None, 1.5, 12, 3) for s in range(shards)]
+    counts = [stream_shard_count(utterances, s, shards, None, 1.5, 12, 3, regions) for s in range(shards)]
     per_rank = min(counts) * workers
-    ranks = [batches_of(stream(archive, tokenizer, r, world, batches_per_epoch=per_rank), workers)
+    ranks = [batches_of(stream(archive, tokenizer, r, world, batches_per_epoch=per_rank, indexed=regions), workers)
              for r in range(world)]
     assert [len(batches) for batches in ranks] == [per_rank, per_rank]
     ids = [i for batches in ranks for b in batches for i in b["ids"]]
     assert len(ids) == len(set(ids)) and set(ids) <= set(transcripts)
     assert len(ids) > 0.8 * len(transcripts)
+    if by_region:  # each shard holds one contiguous run of the archive's members
+        position = {u.id: u.index for u in utterances}
+        for rank, batches in enumerate(ranks):
+            for worker in range(workers):
+                mine = sorted(position[i] for b in batches[worker::workers] for i in b["ids"])
+                shard = rank * workers + worker
+                assert all(k * shards // len(utterances) == shard for k in mine)
     # A rank asked for more batches than its shard holds re-reads it (another shuffle), and stops on time.
-    more = batches_of(stream(archive, tokenizer, 0, world, batches_per_epoch=per_rank * 3), workers)
+    more = batches_of(stream(archive, tokenizer, 0, world, batches_per_epoch=per_rank * 3, indexed=regions),
+                      workers)
     assert len(more) == per_rank * 3
     # Each epoch has its own batches.
-    dataset = stream(archive, tokenizer, 0, 1, batches_per_epoch=4)
+    dataset = stream(archive, tokenizer, 0, 1, batches_per_epoch=4, indexed=regions)
     first = [b["ids"] for b in batches_of(dataset, 0)]
     dataset.set_epoch(1)
     assert [b["ids"] for b in batches_of(dataset, 0)] != first
 
 
-def test_training_stream_resumes_with_exactly_the_remaining_batches(tmp_path, tokenizer):
+@pytest.mark.parametrize("by_region", [False, True])
+def test_training_stream_resumes_with_exactly_the_remaining_batches(tmp_path, tokenizer, by_region):
     archive, _ = big_archive(tmp_path)
-    dataset = stream(archive, tokenizer, 1, 2, batches_per_epoch=7)
+    dataset = stream(archive, tokenizer, 1, 2, batches_per_epoch=7,
+                     indexed=indexed(archive, tmp_path) if by_region else None)
     dataset.set_epoch(2)
     full = [b["ids"] for b in batches_of(dataset, 2)]
     dataset.set_epoch(2, start=3)

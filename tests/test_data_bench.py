@@ -9,7 +9,8 @@ def test_bench_command_reports_throughput_and_padding(demo_root, tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "asr.data.bench", "--workers", "0", "--seconds", "1", "--rounds", "1",
-         "--synthetic-hours", "5", "--long-files", "6", "--synthetic-batch-seconds", "30", "--json", str(out),
+         "--synthetic-hours", "5", "--long-files", "6", "--synthetic-batch-seconds", "30", "--archive-shards", "2",
+         "--json", str(out),
          "experiment=demo", f"data.root={demo_root}", "data.demo_corpus=null"],
         capture_output=True, text=True, timeout=300,
     )
@@ -22,6 +23,9 @@ def test_bench_command_reports_throughput_and_padding(demo_root, tmp_path):
         assert loader["audio_s_per_s"] > 0 and loader["plain_audio_s_per_s"] > 0
         ratio = round(loader["audio_s_per_s"] / loader["plain_audio_s_per_s"], 3)
         assert abs(loader["ratio"] - ratio) <= 0.002 and loader["per_worker"] == loader["ratio"]
+    archive = report["loader"]["archive"]
+    assert archive["members"] > 100 and archive["shards"] == 2 and archive["shard"] == 1
+    assert archive["streamed"]["audio_s_per_s"] > 0 and archive["by_region"]["audio_s_per_s"] > 0
     synthetic = report["padding"]["synthetic"]
     assert 4.9 < synthetic["hours"] < 5.1 and 12 < 3600 * synthetic["hours"] / synthetic["utterances"] < 13.5
     assert synthetic["sampler"] >= 0.97 and synthetic["stream_buffer"] >= 0.97

@@ -10,7 +10,7 @@ from asr.data.datamodule import SpeechDataModule
 from asr.data.librispeech import DataError
 from asr.model import SpeechRecognizer
 from tests.conftest import TINY_HUBERT, write_flac
-from tests.test_archive import big_archive
+from tests.test_archive import big_archive, serve  # noqa: F401 (a fixture)
 from tests.test_librispeech import CHECK_PROBLEMS, USABLE, make_archive, write_corpus
 
 
@@ -83,16 +83,24 @@ def source_root(tmp_path, source):
     return tmp_path / "archives"
 
 
-@pytest.mark.parametrize("source", ["folder", "archive"])
-def test_every_bad_input_is_counted_by_reason(tmp_path, tokenizer, source):
-    dm = ready(corpus_datamodule(source_root(tmp_path, source), tokenizer, val_splits=[], test_splits=[]))
-    assert dm.is_stream(["dev-clean"]) == (source == "archive")
+@pytest.mark.parametrize("source", ["folder", "archive", "url"])
+def test_every_bad_input_is_counted_by_reason(tmp_path, tokenizer, source, serve):  # noqa: F811
+    www, url = serve
+    root = source_root(tmp_path, "folder" if source == "folder" else "archive")
+    options = {}
+    if source == "url":
+        (root / "dev-clean.tar.gz").rename(www / "dev-clean.tar.gz")
+        options = {"archive_url": url, "manifest_dir": str(tmp_path / "manifests")}
+    dm = ready(corpus_datamodule(root, tokenizer, val_splits=[], test_splits=[], **options))
+    assert dm.is_stream(["dev-clean"]) == (source != "folder")
+    assert bool(dm._indexed) == (source == "archive")
     batches = drain(dm, dm.train_dataloader())
     trained = sorted(i for b in batches for i in b["ids"])
     assert trained == sorted(set(USABLE) - {"174-50561-0002", "174-50561-0006"})
     dm.teardown("fit")
-    # A folder's problems are counted at setup from its manifest, and the truncated file when decoded; a
-    # stream counts everything as it reads.
+    # The problems of a folder, or of a local archive (read by region through its index), are counted at setup
+    # from the manifest, and the truncated file when decoded; an archive streamed whole (here over HTTP) counts
+    # everything as it reads.
     once = ("empty transcript", "transcript without audio", "unreadable audio", "wrong sample rate",
             "shorter than the receptive field", "characters outside the vocabulary",
             "label longer than the output frames", "undecodable audio")

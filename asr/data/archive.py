@@ -1,4 +1,5 @@
-"""OpenSLR ``.tar.gz`` archives read in one pass, from a file or an http(s) URL, without extracting them."""
+"""OpenSLR ``.tar.gz`` archives read in one pass, from a file or an http(s) URL, without extracting them; and
+local archives read in parts, through a gzip index made by the manifest scan."""
 
 from __future__ import annotations
 
@@ -7,14 +8,22 @@ import os
 import tarfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import soundfile as sf
+from indexed_gzip import IndexedGzipFile, ZranError
 from rich.progress import Progress
 
-from asr.data.librispeech import Problem, Utterance, parse_transcripts, transcript_of
+from asr.data.librispeech import DataError, Problem, Utterance, parse_transcripts, transcript_of
+
+# Uncompressed bytes between the gzip index's seek points: reading from a point inflates up to this much first.
+# The index keeps a 32 KiB window per point: about 2 MB per GB of archive.
+INDEX_SPACING = 16 << 20
 
 
 def is_url(location: str) -> bool:
@@ -38,21 +47,32 @@ def open_location(location: str) -> tuple[BinaryIO, int | None]:
 
 
 class _Counting:
-    """A read-only stream that reports how many bytes went through it."""
+    """A read-only stream that reports how far it has been read (a file's reader may seek back and forth)."""
 
-    def __init__(self, stream: BinaryIO, advance: Callable[[int], object]) -> None:
-        self.stream, self.advance = stream, advance
+    def __init__(self, stream: BinaryIO, report: Callable[[int], object]) -> None:
+        self.stream, self.report, self.position = stream, report, 0
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
-        self.advance(len(data))
+        self.position += len(data)
+        self.report(self.position)
         return data
 
+    def seekable(self) -> bool:
+        return self.stream.seekable()
 
-def _record(location: str, name: str, index: int, data: bytes, transcripts: dict[str, str],
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.position = self.stream.seek(offset, whence)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+
+def _record(location: str, member: tarfile.TarInfo, index: int, data: bytes, transcripts: dict[str, str],
             trans_name: str) -> tuple[Utterance, bytes] | Problem:
-    where = f"{location}:{name}"
-    utt_id = name.rpartition("/")[2].removesuffix(".flac")
+    where = f"{location}:{member.name}"
+    utt_id = member.name.rpartition("/")[2].removesuffix(".flac")
     text = transcript_of(utt_id, where, transcripts, trans_name)
     if isinstance(text, Problem):
         return text
@@ -61,29 +81,49 @@ def _record(location: str, name: str, index: int, data: bytes, transcripts: dict
     except (sf.LibsndfileError, RuntimeError) as err:
         return Problem("unreadable audio", where, f"cannot read the audio header: {err}")
     speaker = utt_id.split("-", 1)[0]
-    return Utterance(utt_id, location, text, speaker, info.frames, info.samplerate, name, index), data
+    return Utterance(utt_id, location, text, speaker, info.frames, info.samplerate, member.name, index,
+                     member.offset_data, member.size), data
 
 
-def read_archive(location: str, shard: int = 0, shards: int = 1,
-                 progress: Progress | None = None) -> Iterator[tuple[Utterance, bytes] | Problem]:
+def _check_end(tar: tarfile.TarFile, location: str) -> None:
+    """tarfile ends the archive at the first block that is not a valid header, so a damaged archive would end
+    early: what follows that block must be the zero blocks that end a tar archive, and nothing else."""
+    zeros = 0
+    while chunk := tar.fileobj.read(1 << 16):
+        if chunk.count(0) != len(chunk):
+            raise DataError(f"{location}: damaged archive: an invalid tar header at byte {tar.offset} of its "
+                            f"contents, and data after it")
+        zeros += len(chunk)
+    if zeros < tarfile.BLOCKSIZE:
+        raise DataError(f"{location}: truncated archive: it ends without tar's end-of-archive blocks")
+
+
+def read_archive(location: str, shard: int = 0, shards: int = 1, progress: Progress | None = None,
+                 index_to: Path | None = None) -> Iterator[tuple[Utterance, bytes] | Problem]:
     """This shard's utterances with their FLAC bytes, and its problems, as the archive streams by.
 
     Audio member ``k`` (counting the archive's ``.flac`` members from 0) belongs to shard ``k % shards``; the
     other shards' audio is passed over unread. Audio that comes before its chapter's ``*.trans.txt`` waits in
     memory until the transcript arrives; what still waits at the end has no transcript. Transcript lines
-    without audio are reported by shard 0 only.
+    without audio are reported by shard 0 only. With ``index_to`` (a local archive), a gzip index of the archive
+    is written there at the end, for :func:`read_members`.
     """
     transcripts: dict[str, dict[str, str]] = {}  # chapter folder -> utterance id -> transcript
     trans_names: dict[str, str] = {}
     audio_ids: dict[str, set[str]] = {}
-    waiting: dict[str, list[tuple[str, int, bytes]]] = {}  # chapter folder -> (member, index, bytes)
+    waiting: dict[str, list[tuple[tarfile.TarInfo, int, bytes]]] = {}  # chapter folder -> (member, index, bytes)
     index = -1
     stream, size = open_location(location)
-    with stream:
+    with ExitStack() as stack:
+        stack.enter_context(stream)
         if progress is not None:
             task = progress.add_task(f"Scanning {location.rpartition('/')[2]}", total=size)
-            stream = _Counting(stream, lambda n: progress.advance(task, n))
-        with tarfile.open(fileobj=stream, mode="r|gz") as tar:
+            stream = _Counting(stream, lambda n: progress.update(task, completed=n))
+        indexed = None
+        if index_to is not None:
+            indexed = stack.enter_context(IndexedGzipFile(fileobj=stream, spacing=INDEX_SPACING))
+        try:
+            tar = stack.enter_context(tarfile.open(fileobj=indexed or stream, mode="r|" if indexed else "r|gz"))
             for member in tar:
                 chapter, _, name = member.name.rpartition("/")
                 if not member.isfile():
@@ -91,26 +131,68 @@ def read_archive(location: str, shard: int = 0, shards: int = 1,
                 if name.endswith(".flac"):
                     index += 1
                     audio_ids.setdefault(chapter, set()).add(name.removesuffix(".flac"))
-                    if index % shards != shard:
+                    if stream_shard(index, shards) != shard:
                         continue
                     data = tar.extractfile(member).read()
                     if chapter in transcripts:
-                        yield _record(location, member.name, index, data, transcripts[chapter],
-                                      trans_names[chapter])
+                        yield _record(location, member, index, data, transcripts[chapter], trans_names[chapter])
                     else:
-                        waiting.setdefault(chapter, []).append((member.name, index, data))
+                        waiting.setdefault(chapter, []).append((member, index, data))
                 elif name.endswith(".trans.txt"):
                     text = tar.extractfile(member).read().decode("utf-8")
                     transcripts.setdefault(chapter, {}).update(parse_transcripts(text))
                     trans_names[chapter] = member.name
-                    for audio_name, audio_index, data in waiting.pop(chapter, []):
-                        yield _record(location, audio_name, audio_index, data, transcripts[chapter],
-                                      member.name)
+                    for audio, audio_index, data in waiting.pop(chapter, []):
+                        yield _record(location, audio, audio_index, data, transcripts[chapter], member.name)
+            _check_end(tar, location)
+        except (tarfile.TarError, zlib.error, EOFError, ZranError) as err:
+            raise DataError(f"{location}: damaged or truncated archive ({err})") from err
+        if indexed is not None:
+            partial = index_to.with_name(index_to.name + ".part")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            indexed.export_index(str(partial))
+            partial.replace(index_to)
     for chapter, audio in waiting.items():
-        for audio_name, _, _ in audio:
-            yield Problem("audio without transcript", f"{location}:{audio_name}", f"no {chapter}/*.trans.txt")
+        for member, _, _ in audio:
+            yield Problem("audio without transcript", f"{location}:{member.name}", f"no {chapter}/*.trans.txt")
     if shard == 0:
         for chapter, lines in transcripts.items():
             for utt_id in sorted(lines.keys() - audio_ids.get(chapter, set())):
                 where = f"{location}:{trans_names[chapter]}"
                 yield Problem("transcript without audio", where, f"{utt_id}.flac is missing")
+
+
+@dataclass(frozen=True)
+class IndexedArchive:
+    """A local archive with a gzip index (from its manifest scan), and its usable utterances in stream order."""
+
+    index: str
+    members: int  # audio members counted in the index's ``Utterance.index``: regions are cut by it
+    utterances: Sequence[Utterance]
+
+    def region(self, shard: int, shards: int) -> list[Utterance]:
+        return [u for u in self.utterances if stream_shard(u.index, shards, self.members) == shard]
+
+
+def stream_shard(index: int, shards: int, members: int | None = None) -> int:
+    """The stream shard of audio member ``index``: round-robin in an archive read as a stream (every shard
+    inflates all of it), a contiguous region of an indexed archive of ``members`` members (each shard
+    inflates only its own region)."""
+    return index % shards if members is None else index * shards // members
+
+
+def read_members(location: str, index: str, utterances: Sequence[Utterance]) -> Iterator[tuple[Utterance, bytes]]:
+    """The FLAC bytes of archive members, found through the archive's gzip index ``index``, in the order given
+    (in stream order, nothing is inflated twice)."""
+    try:
+        with IndexedGzipFile(str(Path(location).expanduser()), index_file=index, spacing=INDEX_SPACING) as f:
+            for utt in utterances:
+                f.seek(utt.offset)
+                data = f.read(utt.size)
+                if len(data) < utt.size:
+                    raise DataError(f"{utt.where}: the archive ends before this member ({len(data)} of {utt.size} "
+                                    f"bytes); it changed since its manifest was written")
+                yield utt, data
+    except OSError as err:  # indexed_gzip's ZranError included
+        raise DataError(f"{location}: cannot read it through its gzip index {index} ({err}); if the archive "
+                        f"changed, delete the index and the manifest next to it to scan it again") from err

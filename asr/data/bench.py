@@ -10,6 +10,9 @@ The ``key=value`` overrides are the training config's (default ``experiment=demo
   milliseconds per audio-second). Measured on the configured train
   split, and on ``--long-files`` FLAC files of LibriSpeech-like durations (12.7 s on average, against the demo's
   1.7 s) spliced from it, batched by ``--synthetic-batch-seconds``;
+- with ``--archive-shards N``: the time one stream shard of N takes to read its members from a ``.tar.gz`` of the
+  train split, streamed (every shard inflates the whole archive) against read by region through the gzip index
+  of the manifest scan;
 - padding efficiency (real samples / padded samples) of this project's batches (the sampler, and the stream's
   buffer bucketing) against fixed-size random batches and transformers' ``LengthGroupedSampler`` with the same
   mean batch size, on the configured train split's durations and on a synthetic 100-hour LibriSpeech-like set.
@@ -24,6 +27,7 @@ import logging
 import random
 import statistics
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Sequence
@@ -36,9 +40,11 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from asr.data.archive import read_archive, read_members
 from asr.data.batching import DurationBatchSampler, bucket_stream
 from asr.data.dataset import model_inputs
-from asr.data.librispeech import SAMPLE_RATE, Utterance
+from asr.data.librispeech import SAMPLE_RATE, Problem, Utterance
+from asr.data.manifest import indexed_archives, load_manifest
 from asr.data.text import CharTokenizer
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -159,6 +165,36 @@ def model_inputs_cost(datamodule, batches: int = 20) -> float:
     return 1000 * (time.perf_counter() - start) / sum(sum(b["lengths"]) / 16_000 for b in loaded)
 
 
+def archive_reading(folder: str, shards: int, tmp: Path) -> dict:
+    """Seconds for the middle stream shard of ``shards`` to get its members' bytes out of a ``.tar.gz`` of the split
+    ``folder`` (gzip level 6, as OpenSLR's): streamed, and by region through the index of a manifest scan."""
+    archive = tmp / "split.tar.gz"
+    start = time.perf_counter()
+    with tarfile.open(archive, "w:gz", compresslevel=6) as tar:
+        tar.add(folder, arcname=f"LibriSpeech/{Path(folder).name}")
+    packed = time.perf_counter() - start
+    start = time.perf_counter()
+    manifest = load_manifest(str(archive), tmp / "manifest.json")
+    scanned = time.perf_counter() - start
+    shard = shards // 2
+    region = indexed_archives([manifest], manifest.utterances)[str(archive)].region(shard, shards)
+
+    def timed(records) -> dict:
+        start, audio = time.perf_counter(), 0.0
+        for record in records:
+            if not isinstance(record, Problem):
+                audio += record[0].duration
+        elapsed = time.perf_counter() - start
+        return {"seconds": round(elapsed, 2), "audio_s_per_s": round(audio / elapsed, 1)}
+
+    streamed = timed(read_archive(str(archive), shard, shards))
+    by_region = timed(read_members(str(archive), manifest.index, region))
+    return {"archive_mb": round(archive.stat().st_size / 1e6, 1), "members": len(manifest.utterances),
+            "pack_seconds": round(packed, 1), "scan_and_index_seconds": round(scanned, 1),
+            "shards": shards, "shard": shard, "streamed": streamed, "by_region": by_region,
+            "speedup": round(streamed["seconds"] / by_region["seconds"], 2)}
+
+
 def train_data(overrides: list[str]):
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
@@ -187,7 +223,7 @@ def throughput(datamodule, utterances: list[Utterance], workers: list[int], seco
 
 
 def run(overrides: list[str], workers: list[int], seconds: float, rounds: int, synthetic_hours: float,
-        synthetic_batch_seconds: float, long_files: int) -> dict:
+        synthetic_batch_seconds: float, long_files: int, archive_shards: int = 0) -> dict:
     overrides = overrides or ["experiment=demo"]
     datamodule, utterances = train_data(overrides)
     loader = {"corpus": throughput(datamodule, utterances, workers, seconds, rounds)}
@@ -200,6 +236,10 @@ def run(overrides: list[str], workers: list[int], seconds: float, rounds: int, s
                 f"data.max_batch_seconds={synthetic_batch_seconds}", "data.max_duration=null",
             ])
             loader["long_files"] = throughput(long_data, long_utterances, workers, seconds, rounds)
+    if archive_shards:
+        with tempfile.TemporaryDirectory() as tmp:
+            (folder,) = {location for split in datamodule.train_splits for location in datamodule.locations(split)}
+            loader["archive"] = archive_reading(folder, archive_shards, Path(tmp))
     budget = datamodule.max_batch_seconds or synthetic_batch_seconds
     return {
         "corpus": {"splits": datamodule.train_splits, "root": str(datamodule.root)},
@@ -222,11 +262,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="max_batch_seconds of the synthetic sets (and of the corpus without one)")
     parser.add_argument("--long-files", type=int, default=300,
                         help="FLAC files of LibriSpeech-like durations to time the loader on (0: none)")
+    parser.add_argument("--archive-shards", type=int, default=0,
+                        help="time a stream shard of this many reading a .tar.gz of the train split (0: not)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     results = run(overrides, [int(n) for n in args.workers.split(",")], args.seconds, args.rounds, args.synthetic_hours,
-                  args.synthetic_batch_seconds, args.long_files)
+                  args.synthetic_batch_seconds, args.long_files, args.archive_shards)
     text = json.dumps(results, indent=1)
     if args.json:
         args.json.write_text(text)

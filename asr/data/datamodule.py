@@ -13,12 +13,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from asr.data import hf
-from asr.data.archive import is_archive
+from asr.data.archive import IndexedArchive, is_archive
 from asr.data.batching import DurationBatchSampler
 from asr.data.dataset import Checks, SpeechDataset, StreamDataset, model_inputs, stream_shard_count
 from asr.data.demo import DemoCorpusConfig, build_demo_corpus
 from asr.data.librispeech import DataError, Utterance, apply_policy, locate, parts
-from asr.data.manifest import Manifest, load_manifest
+from asr.data.manifest import Manifest, indexed_archives, load_manifest
 from asr.data.text import CharTokenizer
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ class SpeechDataModule(L.LightningDataModule):
         # "<split>/<reason>" -> skips: at setup, and while decoding (each epoch)
         self.skipped: Counter = Counter()
         self._utterances: dict[str, list[Utterance]] = {}
+        self._indexed: dict[str, IndexedArchive] = {}  # training archives read by region
         self._train_loader: DataLoader | None = None
         self._position = {"epoch": 0, "batches": 0}  # training batches this rank has received in that epoch
         self._epoch_skips: Counter = Counter()
@@ -121,11 +122,12 @@ class SpeechDataModule(L.LightningDataModule):
         return [load_manifest(location, self.manifest_dir / f"{part}.json", self.scan_workers, verify)
                 for part, location in zip(parts(split), self.locations(split), strict=True)]
 
-    def load_split(self, split: str, for_training: bool) -> tuple[list[Utterance], Counter]:
+    def load_split(self, split: str, for_training: bool,
+                   manifests: list[Manifest] | None = None) -> tuple[list[Utterance], Counter]:
         """The usable utterances of a split, from its manifests, and the unusable ones counted by reason;
         under ``on_error="raise"`` the first unusable one raises a :class:`DataError` instead."""
         utterances, skipped = [], Counter()
-        for manifest in self.manifest(split):
+        for manifest in manifests or self.manifest(split):
             skipped.update(apply_policy(manifest.problems, self.on_error))
             for utt in manifest.utterances:
                 problem = self.checks.problem(utt, for_training)
@@ -156,17 +158,24 @@ class SpeechDataModule(L.LightningDataModule):
             if split in self._utterances:
                 continue
             training = split in self.train_splits
-            if self.is_stream([split]):
-                if training and self.batches_per_epoch is None:  # to count batches; skips show per epoch
-                    self._utterances[split] = self.load_split(split, for_training=True)[0]
-                continue
-            utterances, skipped = self.load_split(split, for_training=training)
-            if not utterances:
-                raise DataError(f"{split}: no usable utterances in {self.locations(split)}, {dict(skipped)}")
-            if skipped:
-                log.warning("%s: %d utterances, skipped %s", split, len(utterances), dict(skipped))
-            self.skipped.update({f"{split}/{reason}": n for reason, n in skipped.items()})
-            self._utterances[split] = utterances
+            if not self.is_stream([split]):
+                self._keep(split, *self.load_split(split, for_training=training))
+            elif training and self.batches_per_epoch is None:  # to count batches, and to read by region
+                manifests = self.manifest(split)
+                utterances, skipped = self.load_split(split, True, manifests)
+                indexed = indexed_archives(manifests, utterances)
+                self._indexed.update(indexed)
+                # Read by region, the utterances with problems are never read: count them now, as for a folder.
+                # Streamed whole, every shard meets its own and counts them in each epoch.
+                self._keep(split, utterances, skipped if indexed else Counter())
+
+    def _keep(self, split: str, utterances: list[Utterance], skipped: Counter) -> None:
+        if not utterances:
+            raise DataError(f"{split}: no usable utterances in {self.locations(split)}, {dict(skipped)}")
+        if skipped:
+            log.warning("%s: %d utterances, skipped %s", split, len(utterances), dict(skipped))
+        self.skipped.update({f"{split}/{reason}": n for reason, n in skipped.items()})
+        self._utterances[split] = utterances
 
     def _rank_and_world(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
@@ -186,7 +195,7 @@ class SpeechDataModule(L.LightningDataModule):
             dataset = StreamDataset(
                 [location for split in self.train_splits for location in self.locations(split)], self.checks,
                 self.on_error, self.batch_size, self.max_batch_seconds, self.shuffle_buffer, self.seed, rank,
-                world, self.batches_per_epoch or self._stream_batches(world),
+                world, self.batches_per_epoch or self._stream_batches(world), self._indexed,
             )
             self._train_loader = _TrainLoader(dataset, batch_size=None, collate_fn=_as_is, **options)
         else:
@@ -211,7 +220,7 @@ class SpeechDataModule(L.LightningDataModule):
         shards = world * workers
         leanest = min(
             stream_shard_count(utterances, shard, shards, self.batch_size, self.max_batch_seconds,
-                               self.shuffle_buffer, self.seed)
+                               self.shuffle_buffer, self.seed, self._indexed)
             for shard in range(shards)
         )
         if leanest == 0:

@@ -7,7 +7,7 @@ import io
 import itertools
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -18,7 +18,7 @@ import torchaudio.functional as AF
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from asr.data import hf
-from asr.data.archive import read_archive
+from asr.data.archive import IndexedArchive, read_archive, read_members, stream_shard
 from asr.data.batching import bucket_stream
 from asr.data.librispeech import SAMPLE_RATE, DataError, Problem, Utterance
 from asr.data.text import CharTokenizer, normalize
@@ -205,12 +205,17 @@ def stream_rng(seed: int, epoch: int, pass_: int, shard: int) -> random.Random:
 
 
 def stream_shard_count(utterances: Sequence[Utterance], shard: int, shards: int, batch_size: int | None,
-                       max_batch_seconds: float | None, buffer_size: int, seed: int) -> int:
+                       max_batch_seconds: float | None, buffer_size: int, seed: int,
+                       indexed: Mapping[str, IndexedArchive] | None = None) -> int:
     """How many batches a training stream shard yields in the first pass of epoch 0, from the manifest's
     usable utterances (in stream order)."""
-    mine = (u for u in utterances if u.index % shards == shard)
+    mine = (u for u in utterances if stream_shard(u.index, shards, _members(indexed or {}, u.path)) == shard)
     rng = stream_rng(seed, 0, 0, shard)
     return sum(1 for _ in bucket_stream(mine, _duration, batch_size, max_batch_seconds, buffer_size, rng))
+
+
+def _members(indexed: Mapping[str, IndexedArchive], location: str) -> int | None:
+    return indexed[location].members if location in indexed else None
 
 
 def _duration(record: Utterance | tuple[Utterance, bytes]) -> float:
@@ -220,9 +225,11 @@ def _duration(record: Utterance | tuple[Utterance, bytes]) -> float:
 class StreamDataset(IterableDataset):
     """Padded batches read in one pass from LibriSpeech archives (files or URLs), sharded by rank and worker.
 
-    Audio member ``k`` of an archive goes to shard ``k % shards`` with ``shard = rank * workers + worker``:
-    every DataLoader worker of every rank reads the archive, and decodes only its own members. Batches are
-    bucketed by duration within a buffer of ``buffer_size`` utterances (see :func:`bucket_stream`).
+    Each (rank, worker) is a shard, ``shard = rank * workers + worker``, and reads its audio members in stream
+    order (:func:`~asr.data.archive.stream_shard`): of an archive in ``indexed`` (a local file with a gzip index
+    from its manifest scan), a contiguous region, read through the index; of any other, member ``k`` if
+    ``k % shards == shard``, so every shard inflates the whole archive and decodes its own members only. Batches
+    are bucketed by duration within a buffer of ``buffer_size`` utterances (see :func:`bucket_stream`).
 
     Training (``batches_per_epoch`` set): each rank yields exactly ``batches_per_epoch`` batches, worker ``w``
     the batches ``w, w + workers, ...`` (the DataLoader takes them in that order). A worker that runs out
@@ -237,8 +244,9 @@ class StreamDataset(IterableDataset):
     def __init__(self, locations: Sequence[str], checks: Checks, on_error: str = "skip",
                  batch_size: int | None = None, max_batch_seconds: float | None = None,
                  buffer_size: int = 1000, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 batches_per_epoch: int | None = None) -> None:
+                 batches_per_epoch: int | None = None, indexed: Mapping[str, IndexedArchive] | None = None) -> None:
         self.locations = list(locations)
+        self.indexed = dict(indexed or {})
         self.checks = checks
         self.on_error = on_error
         self.batch_size, self.max_batch_seconds = batch_size, max_batch_seconds
@@ -259,7 +267,12 @@ class StreamDataset(IterableDataset):
     def _usable(self, shard: int, shards: int, skipped: list) -> Iterator[tuple[Utterance, bytes]]:
         training = self.batches_per_epoch is not None
         for location in self.locations:
-            for record in read_archive(location, shard, shards):
+            archive = self.indexed.get(location)
+            if archive is None:
+                records = read_archive(location, shard, shards)
+            else:
+                records = read_members(location, archive.index, archive.region(shard, shards))
+            for record in records:
                 problem = record if isinstance(record, Problem) else self.checks.problem(record[0], training)
                 if problem is None:
                     yield record

@@ -38,6 +38,9 @@ class Utterance:
     member: str | None = None  # the audio's name inside the archive ``path`` (a Hugging Face split: its id)
     # The audio's position among the archive's audio members, which picks its stream shard (Hugging Face: its row)
     index: int = 0
+    # Where the member's bytes are in the uncompressed archive, and how many (read through a gzip index)
+    offset: int = 0
+    size: int = 0
 
     @property
     def duration(self) -> float:

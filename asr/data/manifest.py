@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from asr.data import hf
-from asr.data.archive import is_archive, is_url, read_archive
+from asr.data.archive import IndexedArchive, is_archive, is_url, read_archive
 from asr.data.librispeech import Problem, Utterance, progress_bar, scan_directory
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: archive members' offsets and sizes, and the gzip index of a local archive
 UNKNOWN = "unknown"  # the fingerprint of a URL whose server does not answer HEAD
 
 
@@ -30,6 +30,7 @@ class Manifest:
     fingerprint: str
     utterances: list[Utterance]  # a folder's sorted by id; an archive's in stream order
     problems: list[Problem]
+    index: str | None = None  # a local archive's gzip index (asr.data.archive.read_members)
 
 
 def fingerprint(location: str) -> str:
@@ -61,21 +62,22 @@ def fingerprint(location: str) -> str:
     return digest.hexdigest()
 
 
-def scan(location: str, workers: int = 1) -> Manifest:
+def scan(location: str, workers: int = 1, index_to: Path | None = None) -> Manifest:
     """Read every transcript and audio header of a folder (in parallel), an archive (in one pass) or a Hugging
-    Face split."""
+    Face split. A local archive's gzip index is written to ``index_to`` on the way."""
     if hf.is_hf(location):
         return Manifest(location, "", *hf.scan(location))
     if not is_archive(location):
         return Manifest(location, "", *scan_directory(location, workers))
+    index_to = None if is_url(location) else index_to
     utterances, problems = [], []
     with progress_bar() as progress:
-        for record in read_archive(location, progress=progress):
+        for record in read_archive(location, progress=progress, index_to=index_to):
             if isinstance(record, Problem):
                 problems.append(record)
             else:
                 utterances.append(record[0])
-    return Manifest(location, "", utterances, problems)
+    return Manifest(location, "", utterances, problems, None if index_to is None else str(index_to))
 
 
 def _read(path: Path) -> Manifest | None:
@@ -83,17 +85,17 @@ def _read(path: Path) -> Manifest | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if data.get("version") != VERSION:
+    if data.get("version") != VERSION or (data["index"] is not None and not Path(data["index"]).is_file()):
         return None
     return Manifest(data["source"], data["fingerprint"], [Utterance(**u) for u in data["utterances"]],
-                    [Problem(*p) for p in data["problems"]])
+                    [Problem(*p) for p in data["problems"]], data["index"])
 
 
 def _write(manifest: Manifest, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part")
     data = {"version": VERSION, "source": manifest.source, "fingerprint": manifest.fingerprint,
-            "problems": [list(p) for p in manifest.problems],
+            "index": manifest.index, "problems": [list(p) for p in manifest.problems],
             "utterances": [asdict(u) for u in manifest.utterances]}
     partial.write_text(json.dumps(data))
     partial.replace(path)
@@ -101,7 +103,7 @@ def _write(manifest: Manifest, path: Path) -> None:
 
 def load_manifest(location: str, path: str | Path, workers: int = 1, verify: bool = True) -> Manifest:
     """The manifest of ``location`` cached at ``path``; scanned and written when missing, or when ``verify``
-    finds that the source changed since."""
+    finds that the source changed since. A local archive's gzip index goes next to it (``.gzidx``)."""
     path = Path(path).expanduser()
     cached = _read(path)
     if cached is not None and cached.source == location and not verify:
@@ -110,7 +112,7 @@ def load_manifest(location: str, path: str | Path, workers: int = 1, verify: boo
     if cached is not None and cached.source == location and current in (cached.fingerprint, UNKNOWN):
         return cached
     start = time.perf_counter()
-    manifest = scan(location, workers)
+    manifest = scan(location, workers, path.with_suffix(".gzidx"))
     manifest.fingerprint = current
     _write(manifest, path)
     hours = sum(u.duration for u in manifest.utterances) / 3600
@@ -118,3 +120,14 @@ def load_manifest(location: str, path: str | Path, workers: int = 1, verify: boo
              time.perf_counter() - start, len(manifest.utterances), hours,
              dict(Counter(p.reason for p in manifest.problems)) or "none", path)
     return manifest
+
+
+def indexed_archives(manifests: list[Manifest], usable: list[Utterance]) -> dict[str, IndexedArchive]:
+    """The archives among ``manifests`` that have a gzip index, with their ``usable`` utterances."""
+    archives = {}
+    for manifest in manifests:
+        if manifest.index is not None:
+            members = 1 + max((u.index for u in manifest.utterances), default=-1)
+            mine = [u for u in usable if u.path == manifest.source]
+            archives[manifest.source] = IndexedArchive(manifest.index, members, mine)
+    return archives

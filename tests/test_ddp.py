@@ -1,0 +1,40 @@
+"""Two CPU processes under DDP, as a user runs it: ``python -m asr.train trainer.devices=2 trainer.strategy=ddp``,
+on local archives read by region."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from asr.data.manifest import load_manifest
+from tests.test_librispeech import make_archive
+from tests.test_train import TINY_MODEL
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_two_ranks_get_equal_disjoint_regions_of_the_archive(demo_root, tmp_path):
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    for split in ("train", "dev", "test-seen", "test-unseen"):
+        make_archive(demo_root, split, archives / f"{split}.tar.gz")
+    ids = tmp_path / "ids"
+    ids.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "asr.train", "experiment=demo", f"data.root={archives}", "data.demo_corpus=null",
+         "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_epochs=1", "trainer.max_time=null", "~logger",
+         "+callbacks.ids._target_=tests.ddp_helpers.TrainedIds", f"+callbacks.ids.folder={ids}", *TINY_MODEL],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"test/wer"' in result.stdout
+    ranks = [[line.split() for line in (ids / f"rank{r}.txt").read_text().splitlines()] for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) > 0  # equal batch counts: neither rank waits for the other
+    trained = [{i for batch in rank for i in batch} for rank in ranks]
+    assert not trained[0] & trained[1]
+    manifest = load_manifest(str(archives / "train.tar.gz"), archives / "manifests" / "train.json", verify=False)
+    assert manifest.index is not None
+    order = {u.id: u.index for u in manifest.utterances}
+    assert len(trained[0] | trained[1]) > 0.8 * len(order)
+    assert max(order[i] for i in trained[0]) < min(order[i] for i in trained[1])  # rank 0 has the first region
