@@ -10,11 +10,11 @@ import pytest
 from torch.utils.data import DataLoader
 
 import asr.data.archive as archive_module
-from asr.data.archive import read_archive, read_members
+from asr.data.archive import IndexedRegions, cut_regions, read_archive, read_members
 from asr.data.datamodule import _as_is
-from asr.data.dataset import Checks, StreamDataset, stream_shard_count
+from asr.data.dataset import Checks, StreamDataset, stream_shard_count, stream_shards
 from asr.data.librispeech import DataError, Problem, scan_directory
-from asr.data.manifest import indexed_archives, load_manifest
+from asr.data.manifest import load_manifest
 from tests.test_librispeech import CHECK_PROBLEMS, SOURCE_PROBLEMS, USABLE, key, make_archive, write_corpus
 
 
@@ -102,10 +102,9 @@ def stream(archive, tokenizer, rank, world, **kwargs):
                          seed=3, rank=rank, world_size=world, **kwargs)
 
 
-def indexed(archive, tmp_path):
-    """The archive's manifest scan, with its gzip index, as the DataModule hands it to a stream."""
-    manifest = load_manifest(archive, tmp_path / "manifests" / "train-clean-100.json")
-    return indexed_archives([manifest], manifest.utterances)
+def scanned(archive, tmp_path):
+    """The archive's manifest, with its gzip index."""
+    return load_manifest(archive, tmp_path / "manifests" / "train-clean-100.json")
 
 
 def test_members_read_through_the_index_are_the_streamed_bytes(tmp_path):
@@ -113,7 +112,7 @@ def test_members_read_through_the_index_are_the_streamed_bytes(tmp_path):
     archive = str(make_archive(tmp_path, "dev-clean", tmp_path / "dev-clean.tar.gz"))
     streamed = {utt.id: data for utt, data in (r for r in read_archive(archive) if not isinstance(r, Problem))}
     manifest = load_manifest(archive, tmp_path / "m.json")
-    assert {utt.id: data for utt, data in read_members(archive, manifest.index, manifest.utterances)} == streamed
+    assert {utt.id: data for utt, data in read_members(archive, manifest.index_file, manifest.utterances)} == streamed
     with pytest.raises(DataError, match=r"dev-clean\.tar\.gz: cannot read it through its gzip index"):
         list(read_members(archive, str(tmp_path / "missing.gzidx"), manifest.utterances))
 
@@ -123,18 +122,21 @@ def test_a_region_is_read_without_inflating_the_archive_before_it(tmp_path, monk
     streaming has to inflate."""
     monkeypatch.setattr(archive_module, "INDEX_SPACING", 64 << 10)
     archive, _ = big_archive(tmp_path, chapters=6, per_chapter=20)
-    (archive_region,) = indexed(archive, tmp_path).values()
-    region = archive_region.region(2, 3)
-    assert region and {u.index * 3 // archive_region.members for u in region} == {2}
-    expected = {utt.id: data for utt, data in read_members(archive, archive_region.index, region)}
-    with indexed_gzip.IndexedGzipFile(archive, index_file=archive_region.index) as f:
+    manifest = scanned(archive, tmp_path)
+    regions = cut_regions(manifest.utterances, 3)
+    assert [u for region in regions for u in region] == manifest.utterances  # contiguous, in stream order
+    durations = [sum(u.duration for u in region) for region in regions]
+    assert max(durations) - min(durations) < 2 * max(u.duration for u in manifest.utterances)
+    region = regions[2]
+    expected = {utt.id: data for utt, data in read_members(archive, manifest.index_file, region)}
+    with indexed_gzip.IndexedGzipFile(archive, index_file=manifest.index_file) as f:
         points = list(f.seek_points())  # (uncompressed, compressed) offsets
     start = max(compressed for uncompressed, compressed in points if uncompressed <= region[0].offset)
     assert start > 100_000
     data = bytearray(Path(archive).read_bytes())
     data[20_000:start - 20_000] = bytes(start - 40_000)
     Path(archive).write_bytes(data)
-    assert {utt.id: data for utt, data in read_members(archive, archive_region.index, region)} == expected
+    assert {utt.id: data for utt, data in read_members(archive, manifest.index_file, region)} == expected
     with pytest.raises(DataError, match=r"train-clean-100\.tar\.gz: damaged"):
         list(read_archive(archive, 2, 3))
 
@@ -184,25 +186,23 @@ def test_stream_raise_policy_names_the_member(tmp_path, tokenizer):
 @pytest.mark.parametrize("by_region", [False, True])
 def test_training_stream_ranks_get_equal_batch_counts_and_disjoint_data(tmp_path, tokenizer, by_region):
     archive, transcripts = big_archive(tmp_path)
-    utterances = [r[0] for r in read_archive(archive) if not isinstance(r, Problem)]
-    regions = indexed(archive, tmp_path) if by_region else {}
+    manifest = scanned(archive, tmp_path)
+    index_files = {archive: manifest.index_file} if by_region else {}
     workers, world = 2, 2
-    shards = world * workers
-    counts = [stream_shard_count(utterances, s, shards, None, 1.5, 12, 3, regions) for s in range(shards)]
+    shards = stream_shards(manifest.utterances, world * workers, index_files)
+    counts = [stream_shard_count(utterances, s, None, 1.5, 12, 3) for s, utterances in enumerate(shards)]
     per_rank = min(counts) * workers
+    regions = {archive: IndexedRegions(manifest.index_file, dict(enumerate(shards)))} if by_region else {}
     ranks = [batches_of(stream(archive, tokenizer, r, world, batches_per_epoch=per_rank, indexed=regions), workers)
              for r in range(world)]
     assert [len(batches) for batches in ranks] == [per_rank, per_rank]
     ids = [i for batches in ranks for b in batches for i in b["ids"]]
     assert len(ids) == len(set(ids)) and set(ids) <= set(transcripts)
     assert len(ids) > 0.8 * len(transcripts)
-    if by_region:  # each shard holds one contiguous run of the archive's members
-        position = {u.id: u.index for u in utterances}
-        for rank, batches in enumerate(ranks):
-            for worker in range(workers):
-                mine = sorted(position[i] for b in batches[worker::workers] for i in b["ids"])
-                shard = rank * workers + worker
-                assert all(k * shards // len(utterances) == shard for k in mine)
+    for rank, batches in enumerate(ranks):  # each (rank, worker) reads its own shard (by region: a contiguous run)
+        for worker in range(workers):
+            shard = shards[rank * workers + worker]
+            assert {i for b in batches[worker::workers] for i in b["ids"]} <= {u.id for u in shard}
     # A rank asked for more batches than its shard holds re-reads it (another shuffle), and stops on time.
     more = batches_of(stream(archive, tokenizer, 0, world, batches_per_epoch=per_rank * 3, indexed=regions),
                       workers)
@@ -217,9 +217,23 @@ def test_training_stream_ranks_get_equal_batch_counts_and_disjoint_data(tmp_path
 @pytest.mark.parametrize("by_region", [False, True])
 def test_training_stream_resumes_with_exactly_the_remaining_batches(tmp_path, tokenizer, by_region):
     archive, _ = big_archive(tmp_path)
-    dataset = stream(archive, tokenizer, 1, 2, batches_per_epoch=7,
-                     indexed=indexed(archive, tmp_path) if by_region else None)
+    regions = None
+    if by_region:
+        manifest = scanned(archive, tmp_path)
+        shards = stream_shards(manifest.utterances, 4, {archive: manifest.index_file})
+        regions = {archive: IndexedRegions(manifest.index_file, dict(enumerate(shards)))}
+    dataset = stream(archive, tokenizer, 1, 2, batches_per_epoch=7, indexed=regions)
     dataset.set_epoch(2)
     full = [b["ids"] for b in batches_of(dataset, 2)]
     dataset.set_epoch(2, start=3)
     assert [b["ids"] for b in batches_of(dataset, 2)] == full[3:]
+
+
+def test_a_bad_gzip_checksum_is_found_by_the_indexed_scan(tmp_path):
+    archive, _ = big_archive(tmp_path)
+    data = bytearray(Path(archive).read_bytes())
+    data[-8:-4] = bytes(4)  # the gzip trailer's CRC-32
+    Path(archive).write_bytes(data)
+    with pytest.raises(DataError, match=r"train-clean-100\.tar\.gz: damaged or truncated archive"):
+        list(read_archive(archive, index_to=tmp_path / "i.gzidx"))
+    assert not (tmp_path / "i.gzidx").exists()

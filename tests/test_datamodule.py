@@ -93,14 +93,13 @@ def test_every_bad_input_is_counted_by_reason(tmp_path, tokenizer, source, serve
         options = {"archive_url": url, "manifest_dir": str(tmp_path / "manifests")}
     dm = ready(corpus_datamodule(root, tokenizer, val_splits=[], test_splits=[], **options))
     assert dm.is_stream(["dev-clean"]) == (source != "folder")
-    assert bool(dm._indexed) == (source == "archive")
+    assert bool(dm._index_files) == (source == "archive")
     batches = drain(dm, dm.train_dataloader())
     trained = sorted(i for b in batches for i in b["ids"])
     assert trained == sorted(set(USABLE) - {"174-50561-0002", "174-50561-0006"})
     dm.teardown("fit")
-    # The problems of a folder, or of a local archive (read by region through its index), are counted at setup
-    # from the manifest, and the truncated file when decoded; an archive streamed whole (here over HTTP) counts
-    # everything as it reads.
+    # The problems in the manifest (of a folder, a local archive read by region, or an archive streamed whole over
+    # HTTP) are counted at setup, and the truncated file when decoded.
     once = ("empty transcript", "transcript without audio", "unreadable audio", "wrong sample rate",
             "shorter than the receptive field", "characters outside the vocabulary",
             "label longer than the output frames", "undecodable audio")

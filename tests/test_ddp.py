@@ -34,7 +34,7 @@ def test_two_ranks_get_equal_disjoint_regions_of_the_archive(demo_root, tmp_path
     trained = [{i for batch in rank for i in batch} for rank in ranks]
     assert not trained[0] & trained[1]
     manifest = load_manifest(str(archives / "train.tar.gz"), archives / "manifests" / "train.json", verify=False)
-    assert manifest.index is not None
+    assert manifest.index_file is not None
     order = {u.id: u.index for u in manifest.utterances}
     assert len(trained[0] | trained[1]) > 0.8 * len(order)
     assert max(order[i] for i in trained[0]) < min(order[i] for i in trained[1])  # rank 0 has the first region

@@ -53,11 +53,11 @@ def test_archive_manifest_keeps_stream_order_and_members(tmp_path, scans):
     manifest = load_manifest(str(archive), path)
     assert [u.index for u in manifest.utterances] == sorted(u.index for u in manifest.utterances)
     assert all(u.path == str(archive) and u.member.endswith(f"/{u.id}.flac") for u in manifest.utterances)
-    assert manifest.index == str(tmp_path / "m.gzidx") and (tmp_path / "m.gzidx").is_file()
+    assert manifest.index_file == str(tmp_path / "m.gzidx") and (tmp_path / "m.gzidx").is_file()
     assert load_manifest(str(archive), path).utterances == manifest.utterances
     assert len(scans) == 1
     (tmp_path / "m.gzidx").unlink()  # a manifest without its index is scanned again
-    assert load_manifest(str(archive), path, verify=False).index == manifest.index
+    assert load_manifest(str(archive), path, verify=False).index_file == manifest.index_file
     assert len(scans) == 2 and (tmp_path / "m.gzidx").is_file()
     make_archive(tmp_path, "dev-clean", archive, transcripts_first=True)
     os.utime(archive, ns=(1, 1))
@@ -75,7 +75,7 @@ def test_url_manifest_is_checked_with_head(tmp_path, serve, scans):  # noqa: F81
     path = tmp_path / "m.json"
     manifest = load_manifest(f"{url}/dev-clean.tar.gz", path)
     assert {u.id: u.transcript for u in manifest.utterances if u.id in USABLE} == USABLE
-    assert manifest.index is None  # no random access over HTTP
+    assert manifest.index_file is None  # no random access over HTTP
     load_manifest(f"{url}/dev-clean.tar.gz", path)
     assert len(scans) == 1
     (www / "dev-clean.tar.gz").write_bytes((www / "dev-clean.tar.gz").read_bytes() + b"\0" * 1024)

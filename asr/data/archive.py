@@ -6,17 +6,18 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import soundfile as sf
-from indexed_gzip import IndexedGzipFile, ZranError
+from indexed_gzip import IndexedGzipFile
 from rich.progress import Progress
 
 from asr.data.librispeech import DataError, Problem, Utterance, parse_transcripts, transcript_of
@@ -32,6 +33,20 @@ def is_url(location: str) -> bool:
 
 def is_archive(location: str) -> bool:
     return location.endswith((".tar.gz", ".tgz"))
+
+
+@contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """A temporary file, unique to this writer, next to ``path``, that replaces it when written: readers never see
+    a partial file, and concurrent writers (ranks, nodes on shared storage) do not collide."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(handle)
+    try:
+        yield Path(partial)
+        os.replace(partial, path)
+    finally:
+        Path(partial).unlink(missing_ok=True)
 
 
 def open_location(location: str) -> tuple[BinaryIO, int | None]:
@@ -119,11 +134,12 @@ def read_archive(location: str, shard: int = 0, shards: int = 1, progress: Progr
         if progress is not None:
             task = progress.add_task(f"Scanning {location.rpartition('/')[2]}", total=size)
             stream = _Counting(stream, lambda n: progress.update(task, completed=n))
-        indexed = None
+        indexer = None  # reads the gzip stream for tarfile, and indexes it
         if index_to is not None:
-            indexed = stack.enter_context(IndexedGzipFile(fileobj=stream, spacing=INDEX_SPACING))
+            indexer = stack.enter_context(IndexedGzipFile(fileobj=stream, spacing=INDEX_SPACING))
         try:
-            tar = stack.enter_context(tarfile.open(fileobj=indexed or stream, mode="r|" if indexed else "r|gz"))
+            tar = stack.enter_context(tarfile.open(fileobj=stream if indexer is None else indexer,
+                                                   mode="r|gz" if indexer is None else "r|"))
             for member in tar:
                 chapter, _, name = member.name.rpartition("/")
                 if not member.isfile():
@@ -131,7 +147,7 @@ def read_archive(location: str, shard: int = 0, shards: int = 1, progress: Progr
                 if name.endswith(".flac"):
                     index += 1
                     audio_ids.setdefault(chapter, set()).add(name.removesuffix(".flac"))
-                    if stream_shard(index, shards) != shard:
+                    if index % shards != shard:
                         continue
                     data = tar.extractfile(member).read()
                     if chapter in transcripts:
@@ -145,13 +161,15 @@ def read_archive(location: str, shard: int = 0, shards: int = 1, progress: Progr
                     for audio, audio_index, data in waiting.pop(chapter, []):
                         yield _record(location, audio, audio_index, data, transcripts[chapter], member.name)
             _check_end(tar, location)
-        except (tarfile.TarError, zlib.error, EOFError, ZranError) as err:
+        except (tarfile.TarError, zlib.error, EOFError) as err:
             raise DataError(f"{location}: damaged or truncated archive ({err})") from err
-        if indexed is not None:
-            partial = index_to.with_name(index_to.name + ".part")
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            indexed.export_index(str(partial))
-            partial.replace(index_to)
+        except OSError as err:  # indexed_gzip's errors (a bad checksum included); not over HTTP (no indexer)
+            if indexer is None:
+                raise
+            raise DataError(f"{location}: damaged or truncated archive ({err})") from err
+        if indexer is not None:
+            with replaced_atomically(index_to) as partial:
+                indexer.export_index(str(partial))
     for chapter, audio in waiting.items():
         for member, _, _ in audio:
             yield Problem("audio without transcript", f"{location}:{member.name}", f"no {chapter}/*.trans.txt")
@@ -163,36 +181,40 @@ def read_archive(location: str, shard: int = 0, shards: int = 1, progress: Progr
 
 
 @dataclass(frozen=True)
-class IndexedArchive:
-    """A local archive with a gzip index (from its manifest scan), and its usable utterances in stream order."""
+class IndexedRegions:
+    """A local archive read through its gzip index: the stream shards' utterances, each a contiguous region."""
 
-    index: str
-    members: int  # audio members counted in the index's ``Utterance.index``: regions are cut by it
-    utterances: Sequence[Utterance]
-
-    def region(self, shard: int, shards: int) -> list[Utterance]:
-        return [u for u in self.utterances if stream_shard(u.index, shards, self.members) == shard]
+    index_file: str
+    shards: dict[int, list[Utterance]]
 
 
-def stream_shard(index: int, shards: int, members: int | None = None) -> int:
-    """The stream shard of audio member ``index``: round-robin in an archive read as a stream (every shard
-    inflates all of it), a contiguous region of an indexed archive of ``members`` members (each shard
-    inflates only its own region)."""
-    return index % shards if members is None else index * shards // members
+def cut_regions(utterances: Sequence[Utterance], shards: int) -> list[list[Utterance]]:
+    """``utterances`` (in stream order) cut into ``shards`` contiguous regions of about equal audio duration:
+    each shard then inflates only its own part of the archive, and all reach the end of an epoch together."""
+    total = sum(u.duration for u in utterances)
+    regions: list[list[Utterance]] = [[] for _ in range(shards)]
+    start = 0.0
+    for utt in utterances:
+        regions[min(shards - 1, int(start * shards / total))].append(utt)
+        start += utt.duration
+    return regions
 
 
-def read_members(location: str, index: str, utterances: Sequence[Utterance]) -> Iterator[tuple[Utterance, bytes]]:
-    """The FLAC bytes of archive members, found through the archive's gzip index ``index``, in the order given
-    (in stream order, nothing is inflated twice)."""
+def read_members(location: str, index_file: str,
+                 utterances: Sequence[Utterance]) -> Iterator[tuple[Utterance, bytes]]:
+    """The FLAC bytes of archive members, found through the archive's gzip index, in the order given (in stream
+    order, nothing is inflated twice)."""
+    if not utterances:
+        return
+    changed = "the archive changed since its manifest was written; delete the manifest to scan it again"
     try:
-        with IndexedGzipFile(str(Path(location).expanduser()), index_file=index, spacing=INDEX_SPACING) as f:
+        with IndexedGzipFile(str(Path(location).expanduser()), index_file=index_file) as f:
             for utt in utterances:
                 f.seek(utt.offset)
                 data = f.read(utt.size)
-                if len(data) < utt.size:
-                    raise DataError(f"{utt.where}: the archive ends before this member ({len(data)} of {utt.size} "
-                                    f"bytes); it changed since its manifest was written")
+                if len(data) < utt.size or not data.startswith((b"fLaC", b"ID3")):
+                    raise DataError(f"{utt.where}: no FLAC file at its recorded place; {changed}")
                 yield utt, data
-    except OSError as err:  # indexed_gzip's ZranError included
-        raise DataError(f"{location}: cannot read it through its gzip index {index} ({err}); if the archive "
-                        f"changed, delete the index and the manifest next to it to scan it again") from err
+    except OSError as err:  # indexed_gzip's errors
+        raise DataError(f"{location}: cannot read it through its gzip index {index_file} ({err}); "
+                        f"if {changed}") from err

@@ -40,11 +40,11 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from asr.data.archive import read_archive, read_members
+from asr.data.archive import cut_regions, read_archive, read_members
 from asr.data.batching import DurationBatchSampler, bucket_stream
 from asr.data.dataset import model_inputs
 from asr.data.librispeech import SAMPLE_RATE, Problem, Utterance
-from asr.data.manifest import indexed_archives, load_manifest
+from asr.data.manifest import load_manifest
 from asr.data.text import CharTokenizer
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -177,7 +177,7 @@ def archive_reading(folder: str, shards: int, tmp: Path) -> dict:
     manifest = load_manifest(str(archive), tmp / "manifest.json")
     scanned = time.perf_counter() - start
     shard = shards // 2
-    region = indexed_archives([manifest], manifest.utterances)[str(archive)].region(shard, shards)
+    region = cut_regions(manifest.utterances, shards)[shard]
 
     def timed(records) -> dict:
         start, audio = time.perf_counter(), 0.0
@@ -188,7 +188,7 @@ def archive_reading(folder: str, shards: int, tmp: Path) -> dict:
         return {"seconds": round(elapsed, 2), "audio_s_per_s": round(audio / elapsed, 1)}
 
     streamed = timed(read_archive(str(archive), shard, shards))
-    by_region = timed(read_members(str(archive), manifest.index, region))
+    by_region = timed(read_members(str(archive), manifest.index_file, region))
     return {"archive_mb": round(archive.stat().st_size / 1e6, 1), "members": len(manifest.utterances),
             "pack_seconds": round(packed, 1), "scan_and_index_seconds": round(scanned, 1),
             "shards": shards, "shard": shard, "streamed": streamed, "by_region": by_region,
@@ -238,8 +238,10 @@ def run(overrides: list[str], workers: list[int], seconds: float, rounds: int, s
             loader["long_files"] = throughput(long_data, long_utterances, workers, seconds, rounds)
     if archive_shards:
         with tempfile.TemporaryDirectory() as tmp:
-            (folder,) = {location for split in datamodule.train_splits for location in datamodule.locations(split)}
-            loader["archive"] = archive_reading(folder, archive_shards, Path(tmp))
+            folders = {location for split in datamodule.train_splits for location in datamodule.locations(split)}
+            if len(folders) != 1 or not Path(next(iter(folders))).is_dir():
+                raise SystemExit(f"--archive-shards packs one train split folder; the train splits are {folders}")
+            loader["archive"] = archive_reading(folders.pop(), archive_shards, Path(tmp))
     budget = datamodule.max_batch_seconds or synthetic_batch_seconds
     return {
         "corpus": {"splits": datamodule.train_splits, "root": str(datamodule.root)},

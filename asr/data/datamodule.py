@@ -13,12 +13,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from asr.data import hf
-from asr.data.archive import IndexedArchive, is_archive
+from asr.data.archive import IndexedRegions, is_archive
 from asr.data.batching import DurationBatchSampler
-from asr.data.dataset import Checks, SpeechDataset, StreamDataset, model_inputs, stream_shard_count
+from asr.data.dataset import Checks, SpeechDataset, StreamDataset, model_inputs, stream_shard_count, stream_shards
 from asr.data.demo import DemoCorpusConfig, build_demo_corpus
 from asr.data.librispeech import DataError, Utterance, apply_policy, locate, parts
-from asr.data.manifest import Manifest, indexed_archives, load_manifest
+from asr.data.manifest import Manifest, load_manifest
 from asr.data.text import CharTokenizer
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class SpeechDataModule(L.LightningDataModule):
         # "<split>/<reason>" -> skips: at setup, and while decoding (each epoch)
         self.skipped: Counter = Counter()
         self._utterances: dict[str, list[Utterance]] = {}
-        self._indexed: dict[str, IndexedArchive] = {}  # training archives read by region
+        self._index_files: dict[str, str] = {}  # training archives read by region -> their gzip index
         self._train_loader: DataLoader | None = None
         self._position = {"epoch": 0, "batches": 0}  # training batches this rank has received in that epoch
         self._epoch_skips: Counter = Counter()
@@ -162,12 +162,8 @@ class SpeechDataModule(L.LightningDataModule):
                 self._keep(split, *self.load_split(split, for_training=training))
             elif training and self.batches_per_epoch is None:  # to count batches, and to read by region
                 manifests = self.manifest(split)
-                utterances, skipped = self.load_split(split, True, manifests)
-                indexed = indexed_archives(manifests, utterances)
-                self._indexed.update(indexed)
-                # Read by region, the utterances with problems are never read: count them now, as for a folder.
-                # Streamed whole, every shard meets its own and counts them in each epoch.
-                self._keep(split, utterances, skipped if indexed else Counter())
+                self._keep(split, *self.load_split(split, True, manifests))
+                self._index_files.update({m.source: m.index_file for m in manifests if m.index_file is not None})
 
     def _keep(self, split: str, utterances: list[Utterance], skipped: Counter) -> None:
         if not utterances:
@@ -192,12 +188,8 @@ class SpeechDataModule(L.LightningDataModule):
         rank, world = self._rank_and_world()
         options = dict(self._loader_options(), position=self._next_pass)
         if self.is_stream(self.train_splits):
-            dataset = StreamDataset(
-                [location for split in self.train_splits for location in self.locations(split)], self.checks,
-                self.on_error, self.batch_size, self.max_batch_seconds, self.shuffle_buffer, self.seed, rank,
-                world, self.batches_per_epoch or self._stream_batches(world), self._indexed,
-            )
-            self._train_loader = _TrainLoader(dataset, batch_size=None, collate_fn=_as_is, **options)
+            self._train_loader = _TrainLoader(self._train_stream(rank, world), batch_size=None, collate_fn=_as_is,
+                                              **options)
         else:
             utterances = [u for split in self.train_splits for u in self._utterances[split]]
             sampler = DurationBatchSampler(
@@ -212,19 +204,32 @@ class SpeechDataModule(L.LightningDataModule):
     def _loader_options(self) -> dict:
         return dict(num_workers=self.num_workers, pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor)
 
-    def _stream_batches(self, world: int) -> int:
+    def _train_stream(self, rank: int, world: int) -> StreamDataset:
+        """With a manifest, each shard's utterances are known: local archives are read by region (this rank's
+        shards' regions go to the dataset), and the batches per epoch are counted from the leanest shard."""
+        workers = max(1, self.num_workers)
+        shards: list[list[Utterance]] = []
+        if self.batches_per_epoch is None:
+            utterances = [u for split in self.train_splits for u in self._utterances[split]]
+            shards = stream_shards(utterances, world * workers, self._index_files)
+        mine = range(rank * workers, (rank + 1) * workers)
+        regions = {location: IndexedRegions(index_file, {s: [u for u in shards[s] if u.path == location] for s in mine})
+                   for location, index_file in self._index_files.items()}
+        return StreamDataset(
+            [location for split in self.train_splits for location in self.locations(split)], self.checks,
+            self.on_error, self.batch_size, self.max_batch_seconds, self.shuffle_buffer, self.seed, rank, world,
+            self.batches_per_epoch or self._stream_batches(shards, workers), regions,
+            counted=self.batches_per_epoch is None,
+        )
+
+    def _stream_batches(self, shards: list[list[Utterance]], workers: int) -> int:
         """Batches per rank and epoch of a streamed train split: what its leanest (rank, worker) shard yields,
         from the manifest, times the workers; so in epoch 0 no worker re-reads its shard."""
-        utterances = [u for split in self.train_splits for u in self._utterances[split]]
-        workers = max(1, self.num_workers)
-        shards = world * workers
-        leanest = min(
-            stream_shard_count(utterances, shard, shards, self.batch_size, self.max_batch_seconds,
-                               self.shuffle_buffer, self.seed, self._indexed)
-            for shard in range(shards)
-        )
+        leanest = min(stream_shard_count(utterances, shard, self.batch_size, self.max_batch_seconds,
+                                         self.shuffle_buffer, self.seed)
+                      for shard, utterances in enumerate(shards))
         if leanest == 0:
-            raise DataError(f"{self.train_splits}: too few usable utterances for {shards} stream shards")
+            raise DataError(f"{self.train_splits}: too few usable utterances for {len(shards)} stream shards")
         return leanest * workers
 
     def _eval_loaders(self, splits: list[str]) -> list[DataLoader]:

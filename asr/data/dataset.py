@@ -7,7 +7,7 @@ import io
 import itertools
 import math
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -18,7 +18,7 @@ import torchaudio.functional as AF
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from asr.data import hf
-from asr.data.archive import IndexedArchive, read_archive, read_members, stream_shard
+from asr.data.archive import IndexedRegions, cut_regions, read_archive, read_members
 from asr.data.batching import bucket_stream
 from asr.data.librispeech import SAMPLE_RATE, DataError, Problem, Utterance
 from asr.data.text import CharTokenizer, normalize
@@ -204,18 +204,27 @@ def stream_rng(seed: int, epoch: int, pass_: int, shard: int) -> random.Random:
     return random.Random(f"{seed}/{epoch}/{pass_}/{shard}")
 
 
-def stream_shard_count(utterances: Sequence[Utterance], shard: int, shards: int, batch_size: int | None,
-                       max_batch_seconds: float | None, buffer_size: int, seed: int,
-                       indexed: Mapping[str, IndexedArchive] | None = None) -> int:
-    """How many batches a training stream shard yields in the first pass of epoch 0, from the manifest's
-    usable utterances (in stream order)."""
-    mine = (u for u in utterances if stream_shard(u.index, shards, _members(indexed or {}, u.path)) == shard)
+def stream_shards(utterances: Sequence[Utterance], shards: int, indexed: Collection[str]) -> list[list[Utterance]]:
+    """Each training stream shard's usable utterances (of a manifest, in stream order): of an archive in
+    ``indexed``, a contiguous region (:func:`~asr.data.archive.cut_regions`); of any other, every ``shards``-th
+    audio member, as :func:`~asr.data.archive.read_archive` deals them."""
+    result: list[list[Utterance]] = [[] for _ in range(shards)]
+    for location, group in itertools.groupby(utterances, key=lambda u: u.path):
+        if location in indexed:
+            for shard, region in enumerate(cut_regions(list(group), shards)):
+                result[shard] += region
+        else:
+            for utt in group:
+                result[utt.index % shards].append(utt)
+    return result
+
+
+def stream_shard_count(utterances: Sequence[Utterance], shard: int, batch_size: int | None,
+                       max_batch_seconds: float | None, buffer_size: int, seed: int) -> int:
+    """How many batches training stream shard ``shard`` yields from its ``utterances`` in the first pass of
+    epoch 0."""
     rng = stream_rng(seed, 0, 0, shard)
-    return sum(1 for _ in bucket_stream(mine, _duration, batch_size, max_batch_seconds, buffer_size, rng))
-
-
-def _members(indexed: Mapping[str, IndexedArchive], location: str) -> int | None:
-    return indexed[location].members if location in indexed else None
+    return sum(1 for _ in bucket_stream(utterances, _duration, batch_size, max_batch_seconds, buffer_size, rng))
 
 
 def _duration(record: Utterance | tuple[Utterance, bytes]) -> float:
@@ -226,10 +235,10 @@ class StreamDataset(IterableDataset):
     """Padded batches read in one pass from LibriSpeech archives (files or URLs), sharded by rank and worker.
 
     Each (rank, worker) is a shard, ``shard = rank * workers + worker``, and reads its audio members in stream
-    order (:func:`~asr.data.archive.stream_shard`): of an archive in ``indexed`` (a local file with a gzip index
-    from its manifest scan), a contiguous region, read through the index; of any other, member ``k`` if
-    ``k % shards == shard``, so every shard inflates the whole archive and decodes its own members only. Batches
-    are bucketed by duration within a buffer of ``buffer_size`` utterances (see :func:`bucket_stream`).
+    order (:func:`stream_shards`): of an archive in ``indexed`` (a local file with a gzip index from its manifest
+    scan), its region, read through the index; of any other, member ``k`` if ``k % shards == shard``, so every
+    shard inflates the whole archive and decodes its own members only. Batches are bucketed by duration within a
+    buffer of ``buffer_size`` utterances (see :func:`bucket_stream`).
 
     Training (``batches_per_epoch`` set): each rank yields exactly ``batches_per_epoch`` batches, worker ``w``
     the batches ``w, w + workers, ...`` (the DataLoader takes them in that order). A worker that runs out
@@ -238,15 +247,18 @@ class StreamDataset(IterableDataset):
     Evaluation (``batches_per_epoch=None``): one pass, every utterance exactly once across ranks and workers.
 
     Problems are raised (``on_error="raise"``) or listed in the ``skipped`` of the next batch; an evaluation
-    shard that ends with unreported problems yields one last, empty batch to carry them.
+    shard that ends with unreported problems yields one last, empty batch to carry them. With ``counted``, the
+    problems a manifest knows of were counted (or raised) at setup, and only decoding failures are reported.
     """
 
     def __init__(self, locations: Sequence[str], checks: Checks, on_error: str = "skip",
                  batch_size: int | None = None, max_batch_seconds: float | None = None,
                  buffer_size: int = 1000, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 batches_per_epoch: int | None = None, indexed: Mapping[str, IndexedArchive] | None = None) -> None:
+                 batches_per_epoch: int | None = None, indexed: Mapping[str, IndexedRegions] | None = None,
+                 counted: bool = False) -> None:
         self.locations = list(locations)
         self.indexed = dict(indexed or {})
+        self.counted = counted
         self.checks = checks
         self.on_error = on_error
         self.batch_size, self.max_batch_seconds = batch_size, max_batch_seconds
@@ -267,15 +279,17 @@ class StreamDataset(IterableDataset):
     def _usable(self, shard: int, shards: int, skipped: list) -> Iterator[tuple[Utterance, bytes]]:
         training = self.batches_per_epoch is not None
         for location in self.locations:
-            archive = self.indexed.get(location)
-            if archive is None:
+            regions = self.indexed.get(location)
+            if regions is None:
                 records = read_archive(location, shard, shards)
             else:
-                records = read_members(location, archive.index, archive.region(shard, shards))
+                records = read_members(location, regions.index_file, regions.shards.get(shard, []))
             for record in records:
                 problem = record if isinstance(record, Problem) else self.checks.problem(record[0], training)
                 if problem is None:
                     yield record
+                elif self.counted:
+                    continue
                 elif self.on_error == "raise":
                     raise DataError.of(problem)
                 else:

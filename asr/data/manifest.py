@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from asr.data import hf
-from asr.data.archive import IndexedArchive, is_archive, is_url, read_archive
+from asr.data.archive import is_archive, is_url, read_archive, replaced_atomically
 from asr.data.librispeech import Problem, Utterance, progress_bar, scan_directory
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class Manifest:
     fingerprint: str
     utterances: list[Utterance]  # a folder's sorted by id; an archive's in stream order
     problems: list[Problem]
-    index: str | None = None  # a local archive's gzip index (asr.data.archive.read_members)
+    index_file: str | None = None  # a local archive's gzip index (asr.data.archive.read_members)
 
 
 def fingerprint(location: str) -> str:
@@ -80,25 +80,29 @@ def scan(location: str, workers: int = 1, index_to: Path | None = None) -> Manif
     return Manifest(location, "", utterances, problems, None if index_to is None else str(index_to))
 
 
+def index_file_of(path: Path) -> Path:
+    """Where the gzip index of a local archive's manifest ``path`` is."""
+    return path.with_suffix(".gzidx")
+
+
 def _read(path: Path) -> Manifest | None:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if data.get("version") != VERSION or (data["index"] is not None and not Path(data["index"]).is_file()):
+    index_file = index_file_of(path) if data.get("indexed") else None
+    if data.get("version") != VERSION or (index_file is not None and not index_file.is_file()):
         return None
     return Manifest(data["source"], data["fingerprint"], [Utterance(**u) for u in data["utterances"]],
-                    [Problem(*p) for p in data["problems"]], data["index"])
+                    [Problem(*p) for p in data["problems"]], None if index_file is None else str(index_file))
 
 
 def _write(manifest: Manifest, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
     data = {"version": VERSION, "source": manifest.source, "fingerprint": manifest.fingerprint,
-            "index": manifest.index, "problems": [list(p) for p in manifest.problems],
+            "indexed": manifest.index_file is not None, "problems": [list(p) for p in manifest.problems],
             "utterances": [asdict(u) for u in manifest.utterances]}
-    partial.write_text(json.dumps(data))
-    partial.replace(path)
+    with replaced_atomically(path) as partial:
+        partial.write_text(json.dumps(data))
 
 
 def load_manifest(location: str, path: str | Path, workers: int = 1, verify: bool = True) -> Manifest:
@@ -112,7 +116,7 @@ def load_manifest(location: str, path: str | Path, workers: int = 1, verify: boo
     if cached is not None and cached.source == location and current in (cached.fingerprint, UNKNOWN):
         return cached
     start = time.perf_counter()
-    manifest = scan(location, workers, path.with_suffix(".gzidx"))
+    manifest = scan(location, workers, index_file_of(path))
     manifest.fingerprint = current
     _write(manifest, path)
     hours = sum(u.duration for u in manifest.utterances) / 3600
@@ -121,13 +125,3 @@ def load_manifest(location: str, path: str | Path, workers: int = 1, verify: boo
              dict(Counter(p.reason for p in manifest.problems)) or "none", path)
     return manifest
 
-
-def indexed_archives(manifests: list[Manifest], usable: list[Utterance]) -> dict[str, IndexedArchive]:
-    """The archives among ``manifests`` that have a gzip index, with their ``usable`` utterances."""
-    archives = {}
-    for manifest in manifests:
-        if manifest.index is not None:
-            members = 1 + max((u.index for u in manifest.utterances), default=-1)
-            mine = [u for u in usable if u.path == manifest.source]
-            archives[manifest.source] = IndexedArchive(manifest.index, members, mine)
-    return archives
