@@ -1,5 +1,6 @@
 """Archives streamed from a file and over HTTP; the stream dataset: shards, workers, batch counts, resume."""
 
+import dataclasses
 import functools
 import http.server
 import threading
@@ -115,6 +116,10 @@ def test_members_read_through_the_index_are_the_streamed_bytes(tmp_path):
     assert {utt.id: data for utt, data in read_members(archive, manifest.index_file, manifest.utterances)} == streamed
     with pytest.raises(DataError, match=r"dev-clean\.tar\.gz: cannot read it through its gzip index"):
         list(read_members(archive, str(tmp_path / "missing.gzidx"), manifest.utterances))
+    # A member that is not where the manifest says (an archive changed without changing size) is named.
+    moved = [dataclasses.replace(manifest.utterances[0], offset=manifest.utterances[0].offset + 512)]
+    with pytest.raises(DataError, match=r"\.flac: no FLAC file at its recorded place; the archive changed"):
+        list(read_members(archive, manifest.index_file, moved))
 
 
 def test_a_region_is_read_without_inflating_the_archive_before_it(tmp_path, monkeypatch):

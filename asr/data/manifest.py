@@ -124,4 +124,3 @@ def load_manifest(location: str, path: str | Path, workers: int = 1, verify: boo
              time.perf_counter() - start, len(manifest.utterances), hours,
              dict(Counter(p.reason for p in manifest.problems)) or "none", path)
     return manifest
-
