@@ -8,7 +8,7 @@ import sys
 def test_bench_command_reports_throughput_and_padding(demo_root, tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "asr.data.bench", "--workers", "0", "--seconds", "1", "--rounds", "1",
+        [sys.executable, "-m", "asr.data.bench", "--workers", "0,1", "--seconds", "1", "--rounds", "1",
          "--synthetic-hours", "5", "--long-files", "6", "--synthetic-batch-seconds", "30", "--archive-shards", "2",
          "--json", str(out),
          "experiment=demo", f"data.root={demo_root}", "data.demo_corpus=null"],
@@ -23,6 +23,10 @@ def test_bench_command_reports_throughput_and_padding(demo_root, tmp_path):
         assert loader["audio_s_per_s"] > 0 and loader["plain_audio_s_per_s"] > 0
         ratio = round(loader["audio_s_per_s"] / loader["plain_audio_s_per_s"], 3)
         assert abs(loader["ratio"] - ratio) <= 0.002 and loader["per_worker"] == loader["ratio"]
+        assert set(loader["cpu_ms_per_audio_s"]) == {"plain", "main"} and loader["cpu_ms_per_audio_s"]["main"] > 0
+        worker = report["loader"][files]["workers=1"]
+        cpu = worker["cpu_ms_per_audio_s"]
+        assert cpu["workers"] > 0 and worker["worker_cpu_efficiency"] == round(cpu["plain"] / cpu["workers"], 3)
     archive = report["loader"]["archive"]
     assert archive["members"] > 100 and archive["shards"] == 2 and archive["shard"] == 1
     assert archive["streamed"]["audio_s_per_s"] > 0 and archive["by_region"]["audio_s_per_s"] > 0

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from asr.data.dataset import Checks, model_inputs, pcm_buffer
+from asr.data.dataset import Checks, SpeechDataset, model_inputs, pcm_buffer
 from asr.data.librispeech import DataError, Problem, apply_policy, locate, parts, scan_directory
 from tests.conftest import write_flac
 
@@ -178,15 +178,18 @@ def test_model_inputs_normalise_each_utterance_over_its_own_samples():
     assert not inputs["input_values"][1, 400:].any()
 
 
-class _PadInAWorker(torch.utils.data.Dataset):
-    def __len__(self):
-        return 1
-
-    def __getitem__(self, index):
-        return pcm_buffer([3, 5]).is_shared()
-
-
-def test_batches_are_made_in_shared_memory_inside_workers():
-    """So that the DataLoader hands them to the main process without copying them again."""
-    assert not _PadInAWorker()[0]
-    assert next(iter(torch.utils.data.DataLoader(_PadInAWorker(), batch_size=None, num_workers=1)))
+def test_batches_from_a_worker_equal_batches_made_in_process(tmp_path, tokenizer):
+    """A worker reuses its buffers from batch to batch: padding must still be zero after a batch of longer audio."""
+    utterances, _ = scan_directory(write_corpus(tmp_path))
+    by_id = {u.id: u for u in utterances}
+    order = [["84-121123-0001", "174-50561-0000"], ["84-121123-0000", "174-50561-0006"]]
+    dataset = SpeechDataset([by_id[i] for batch in order for i in batch], Checks(tokenizer))
+    sampler = [[0, 1], [2, 3]]
+    assert max(u.num_samples for u in dataset.utterances[2:]) < max(u.num_samples for u in dataset.utterances[:2])
+    in_process = [dataset.__getitems__(indices) for indices in sampler]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=lambda b: b, num_workers=1)
+    for made, sent in zip(in_process, loader, strict=True):
+        assert sent["ids"] == made["ids"] and sent["lengths"] == made["lengths"]
+        torch.testing.assert_close(sent["input_values"], made["input_values"], rtol=0, atol=0)
+        for k, n in enumerate(sent["lengths"]):
+            assert not sent["input_values"][k, n:].any()

@@ -7,9 +7,11 @@ The ``key=value`` overrides are the training config's (default ``experiment=demo
   it; ``per_worker`` is the loader's rate over N (or 1) times the plain rate. The loader yields 16-bit PCM and
   lengths; the float, normalised model inputs are made after the transfer to the device (``model_inputs``),
   whose cost on the host CPU is reported next to it (for scale: plain decoding costs 1000 / its rate
-  milliseconds per audio-second). Measured on the configured train
-  split, and on ``--long-files`` FLAC files of LibriSpeech-like durations (12.7 s on average, against the demo's
-  1.7 s) spliced from it, batched by ``--synthetic-batch-seconds``;
+  milliseconds per audio-second). CPU milliseconds per audio-second of the workers, the main process and plain
+  decoding are reported too: on a machine with fewer free cores than workers, they show what each worker costs
+  when its rate cannot. Measured on the configured train split, and on ``--long-files`` FLAC files of
+  LibriSpeech-like durations (12.7 s on average, against the demo's 1.7 s) spliced from it, batched by
+  ``--synthetic-batch-seconds``;
 - with ``--archive-shards N``: the time one stream shard of N takes to read its members from a ``.tar.gz`` of the
   train split, streamed (every shard inflates the whole archive) against read by region through the gzip index
   of the manifest scan;
@@ -24,6 +26,8 @@ import argparse
 import itertools
 import json
 import logging
+import multiprocessing
+import os
 import random
 import statistics
 import sys
@@ -116,24 +120,40 @@ def padding(durations: list[float], max_batch_seconds: float, buffer_size: int, 
     }
 
 
-def plain_rate(paths: list[str], seconds: float) -> float:
-    """Audio seconds per second of ``soundfile.read`` over ``paths`` in one loop (after one untimed warm-up
-    pass, so that both this and the loader read from the page cache)."""
+def plain_rate(paths: list[str], seconds: float) -> dict:
+    """Audio seconds per second (``rate``) of ``soundfile.read`` over ``paths`` in one loop (after one untimed
+    warm-up pass, so that both this and the loader read from the page cache), and its CPU milliseconds per
+    audio-second (``cpu``)."""
     for warm in (True, False):
-        audio, start = 0.0, time.perf_counter()
+        audio, start, cpu = 0.0, time.perf_counter(), time.process_time()
         for path in paths:
             data, rate = sf.read(path, dtype="float32")
             audio += len(data) / rate
             if time.perf_counter() - start > seconds:
                 break
         if not warm:
-            return audio / (time.perf_counter() - start)
+            return {"rate": audio / (time.perf_counter() - start), "cpu": 1000 * (time.process_time() - cpu) / audio}
     raise AssertionError("unreachable")
 
 
-def loader_rate(datamodule, workers: int, seconds: float) -> float:
-    """Audio seconds per second out of the train loader (16-bit PCM and lengths, what goes to the device),
-    over as many passes as ``seconds`` takes, timed from its first batch (worker start-up left out)."""
+def workers_cpu() -> float | None:
+    """CPU seconds used so far by this process's live multiprocessing children (the DataLoader's workers), or
+    None where there is no ``/proc``."""
+    total = 0.0
+    for child in multiprocessing.active_children():
+        try:
+            fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
+
+
+def loader_rate(datamodule, workers: int, seconds: float) -> dict:
+    """Audio seconds per second (``rate``) out of the train loader (16-bit PCM and lengths, what goes to the
+    device), over as many passes as ``seconds`` takes, timed from its first batch (worker start-up left out); and
+    the CPU milliseconds per audio-second of the main process (``cpu_main``) and of the workers (``cpu_workers``,
+    None without workers or ``/proc``) over that time."""
     datamodule.num_workers = workers
     loader = datamodule.train_dataloader()
     audio, start = 0.0, None
@@ -142,16 +162,18 @@ def loader_rate(datamodule, workers: int, seconds: float) -> float:
         for batch in loader:
             batches += 1
             if start is None:
-                start = time.perf_counter()
+                start, main_cpu, worker_cpu = time.perf_counter(), time.process_time(), workers_cpu()
                 continue
             audio += sum(batch["lengths"]) / 16_000
             if time.perf_counter() - start > seconds:
                 break
         if batches == 0:
             raise ValueError(f"the train loader of {datamodule.train_splits} yields no batches")
-    elapsed = time.perf_counter() - start
+    elapsed, main_cpu = time.perf_counter() - start, time.process_time() - main_cpu
+    worker_cpu = None if worker_cpu is None or not workers else workers_cpu() - worker_cpu
     del loader
-    return audio / elapsed
+    return {"rate": audio / elapsed, "cpu_main": 1000 * main_cpu / audio,
+            "cpu_workers": None if worker_cpu is None else 1000 * worker_cpu / audio}
 
 
 def model_inputs_cost(datamodule, batches: int = 20) -> float:
@@ -208,17 +230,29 @@ def train_data(overrides: list[str]):
 
 def throughput(datamodule, utterances: list[Utterance], workers: list[int], seconds: float, rounds: int) -> dict:
     """Loader and plain rates, alternated ``rounds`` times (the machine's speed drifts): medians, and the median
-    of the per-round ratios."""
+    of the per-round ratios. CPU time per audio-second depends far less than the rates on how many cores are
+    free: ``worker_cpu_efficiency`` is plain decoding's over the workers' (1: a worker spends nothing beyond
+    decoding)."""
     results = {"mean_duration": round(statistics.mean(u.duration for u in utterances), 2),
                "model_inputs_on_host_ms_per_audio_s": round(model_inputs_cost(datamodule), 4)}
     paths = [u.path for u in utterances]
     for n in workers:
-        pairs = [(loader_rate(datamodule, n, seconds / rounds), plain_rate(paths, seconds / rounds))
-                 for _ in range(rounds)]
-        ratio = statistics.median(rate / plain for rate, plain in pairs)
-        results[f"workers={n}"] = {"audio_s_per_s": round(statistics.median(r for r, _ in pairs), 1),
-                                   "plain_audio_s_per_s": round(statistics.median(p for _, p in pairs), 1),
-                                   "ratio": round(ratio, 3), "per_worker": round(ratio / max(1, n), 3)}
+        loaded, plain = [], []
+        for _ in range(rounds):
+            loaded.append(loader_rate(datamodule, n, seconds / rounds))
+            plain.append(plain_rate(paths, seconds / rounds))
+        ratio = statistics.median(ours["rate"] / theirs["rate"] for ours, theirs in zip(loaded, plain))
+        cpu = {"plain": statistics.median(p["cpu"] for p in plain),
+               "main": statistics.median(r["cpu_main"] for r in loaded)}
+        if all(r["cpu_workers"] is not None for r in loaded):
+            cpu["workers"] = statistics.median(r["cpu_workers"] for r in loaded)
+        result = {"audio_s_per_s": round(statistics.median(r["rate"] for r in loaded), 1),
+                  "plain_audio_s_per_s": round(statistics.median(p["rate"] for p in plain), 1),
+                  "ratio": round(ratio, 3), "per_worker": round(ratio / max(1, n), 3),
+                  "cpu_ms_per_audio_s": {name: round(value, 4) for name, value in cpu.items()}}
+        if "workers" in cpu:
+            result["worker_cpu_efficiency"] = round(cpu["plain"] / cpu["workers"], 3)
+        results[f"workers={n}"] = result
     return results
 
 

@@ -130,16 +130,13 @@ class Checks:
 def pcm_buffer(lengths: Sequence[int]) -> torch.Tensor:
     """Rows of 16-bit PCM to decode into, zero beyond each length (the rows themselves are left to the caller).
 
-    16-bit PCM is what FLAC holds: half the bytes of float32 to pass between processes and to copy to the GPU.
-    Inside a DataLoader worker the buffer is in shared memory, so that handing it to the main process copies
-    nothing (torch's default_collate does the same). It is the batch's only tensor: each tensor a worker sends
-    costs a shared-memory segment and a file-descriptor handshake, which weigh on small batches."""
-    shape = (len(lengths), max(lengths, default=0))
-    if get_worker_info() is None:
-        pcm = torch.empty(shape, dtype=torch.int16)
-    else:
-        storage = torch.UntypedStorage._new_shared(math.prod(shape) * 2)
-        pcm = torch.empty(0, dtype=torch.int16).set_(storage, 0, shape)
+    16-bit PCM is what FLAC holds: half the bytes of float32 to pass between processes and to copy to the GPU. It
+    is the batch's only tensor: each tensor a worker sends costs a shared-memory segment and a file-descriptor
+    handshake. The buffer is ordinary heap memory even in a DataLoader worker, whose allocator hands the same,
+    already mapped pages out again batch after batch; torch copies it into a fresh shared-memory segment when the
+    batch is sent, in the queue's feeder thread, while the worker decodes the next batch. Decoding straight into
+    that segment left the first touch of each of its pages (costly in a VM) to the decoding thread."""
+    pcm = torch.empty((len(lengths), max(lengths, default=0)), dtype=torch.int16)
     for k, n in enumerate(lengths):
         pcm.numpy()[k, n:] = 0  # numpy: torch's small multi-threaded ops are slow on a busy CPU
     return pcm
