@@ -49,3 +49,18 @@ def test_demo_reaches_the_target_wer(tmp_path):
     # The target is 0.45 and its stretch goal 0.30; measured 0.124 and 0.128.
     assert metrics["test/test-seen/wer"] <= 0.30
     assert elapsed <= 15 * 60
+
+
+def test_an_interrupted_corpus_build_leaves_no_tree_and_is_redone(tmp_path, monkeypatch):
+    from asr.data import demo
+
+    cfg = demo.DemoCorpusConfig(train_hours=0.003, dev_utterances=2, test_utterances=2)
+    monkeypatch.setattr(demo, "asdict", lambda _: (_ for _ in ()).throw(KeyboardInterrupt))  # at the marker
+    with pytest.raises(KeyboardInterrupt):
+        demo.build_demo_corpus(tmp_path, cfg, workers=1)
+    assert list((tmp_path / ".LibriSpeech.building").rglob("*.flac")) and not (tmp_path / "LibriSpeech").exists()
+
+    monkeypatch.undo()
+    tree = demo.build_demo_corpus(tmp_path, cfg, workers=1)
+    assert any(tree.glob(".demo-*")) and len(list(tree.rglob("*.flac"))) > 6
+    assert not (tmp_path / ".LibriSpeech.building").exists()

@@ -15,6 +15,8 @@ from tests.conftest import write_flac
 class RangeHandler(http.server.BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
     ranges: list[str | None] = []
+    cut_after: int | None = None  # bytes sent before the connection is dropped, once
+
 
     def do_GET(self):
         body = self.files.get(self.path)
@@ -27,6 +29,11 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(206 if requested else 200)
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
+        if RangeHandler.cut_after is not None:
+            self.wfile.write(body[start : start + RangeHandler.cut_after])
+            RangeHandler.cut_after = None
+            self.close_connection = True
+            return
         self.wfile.write(body[start:])
 
     def log_message(self, *args):
@@ -38,7 +45,7 @@ def server():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    RangeHandler.files, RangeHandler.ranges = {}, []
+    RangeHandler.files, RangeHandler.ranges, RangeHandler.cut_after = {}, [], None
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
 
@@ -50,6 +57,7 @@ def make_archive(tmp_path, split="dev-clean") -> bytes:
     write_flac(chapter / "1272-128104-0001.flac", 0.8)
     lines = "1272-128104-0000 MISTER QUILTER\n1272-128104-0001 NOR IS IT\n"
     (chapter / "1272-128104.trans.txt").write_text(lines)
+    (tree / "LibriSpeech" / "SPEAKERS.TXT").write_text("1272 | M | dev-clean | 20.0 | John Rose\n")
     archive = tmp_path / f"{split}.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tree / "LibriSpeech", arcname="LibriSpeech")
@@ -85,3 +93,37 @@ def test_md5_mismatch_is_an_error_and_removes_the_download(server, tmp_path):
 def test_unreachable_file_names_the_url(server, tmp_path):
     with pytest.raises(RuntimeError, match=r"missing\.tar\.gz: HTTP 404"):
         fetch(f"{server}/missing.tar.gz", tmp_path / "missing.tar.gz", "0" * 32)
+
+
+def test_a_dropped_connection_keeps_the_partial_download_for_the_next_run(server, tmp_path):
+    body = make_archive(tmp_path)
+    RangeHandler.files["/dev-clean.tar.gz"] = body
+    RangeHandler.cut_after = 700
+    target, md5 = tmp_path / "data" / "dev-clean.tar.gz", hashlib.md5(body).hexdigest()
+    with pytest.raises(RuntimeError, match=rf"ended after 700 of {len(body)} bytes.*run again to resume"):
+        fetch(f"{server}/dev-clean.tar.gz", target, md5)
+    assert target.with_name("dev-clean.tar.gz.part").read_bytes() == body[:700]
+    assert fetch(f"{server}/dev-clean.tar.gz", target, md5).read_bytes() == body
+    assert RangeHandler.ranges == [None, "bytes=700-"]
+
+
+def test_an_interrupted_extraction_leaves_no_split_behind(server, tmp_path, monkeypatch):
+    body = make_archive(tmp_path)
+    RangeHandler.files["/dev-clean.tar.gz"] = body
+    root, md5 = tmp_path / "data", {"dev-clean": hashlib.md5(body).hexdigest()}
+    extract = tarfile.TarFile.extractall
+
+    def interrupted(tar, path, **kwargs):
+        extract(tar, path, members=tar.getmembers()[:4], **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        download_split("dev-clean", root, base_url=server, md5=md5)
+    assert list((root / ".dev-clean.extracting").rglob("*")) and not (root / "LibriSpeech").exists()
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", extract)
+    download_split("dev-clean", root, base_url=server, md5=md5)  # not taken as extracted: extracts again
+    utterances, _ = scan_directory(split_dir(root, "dev-clean"))
+    assert len(utterances) == 2 and (root / "LibriSpeech" / "SPEAKERS.TXT").exists()
+    assert not (root / ".dev-clean.extracting").exists()

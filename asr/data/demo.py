@@ -182,7 +182,10 @@ def build_demo_corpus(root: str | Path, cfg: DemoCorpusConfig = DemoCorpusConfig
         log.info("Removing the demo corpus at %s, built with other settings", tree)
         shutil.rmtree(tree)
     log.info("Synthesising the demo corpus into %s (once; it is cached)", tree)
-    plan = _plan(cfg, tree)
+    # Built beside the tree and renamed to it once complete: an interrupted build leaves no tree behind.
+    staging = tree.with_name(".LibriSpeech.building")
+    shutil.rmtree(staging, ignore_errors=True)
+    plan = _plan(cfg, staging)
     # One job per worker: libespeak-ng keeps global state and must be initialised once per process.
     everything = [utt for utts in plan.values() for utt in utts]
     jobs = [(everything[i::workers], cfg.word_gap_10ms) for i in range(workers)]
@@ -196,7 +199,8 @@ def build_demo_corpus(root: str | Path, cfg: DemoCorpusConfig = DemoCorpusConfig
             transcripts.setdefault(key, []).append(f"{path.stem} {utt.text}")
         for key, lines in transcripts.items():
             key.write_text("\n".join(sorted(lines)) + "\n")
-    marker.write_text(json.dumps(asdict(cfg), indent=1))
+    (staging / marker.name).write_text(json.dumps(asdict(cfg), indent=1))
+    staging.rename(tree)
     return tree
 
 

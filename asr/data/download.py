@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import tarfile
 import urllib.error
 import urllib.request
@@ -56,11 +57,19 @@ def fetch(url: str, target: Path, expected_md5: str) -> Path:
             if offset and response.status != 206:  # the server ignored the range: start over
                 offset = 0
             total = offset + int(response.headers.get("Content-Length", 0))
-            with partial.open("ab" if offset else "wb") as out, Progress() as progress:
-                task = progress.add_task(target.name, total=total or None, completed=offset)
-                while block := response.read(_CHUNK):
-                    out.write(block)
-                    progress.advance(task, len(block))
+            try:
+                with partial.open("ab" if offset else "wb") as out, Progress() as progress:
+                    task = progress.add_task(target.name, total=total or None, completed=offset)
+                    while block := response.read(_CHUNK):
+                        out.write(block)
+                        progress.advance(task, len(block))
+            except OSError as err:  # a reset or timed-out connection
+                raise RuntimeError(f"{url}: download interrupted ({err}); {partial} is kept, run again to "
+                                   "resume") from err
+        size = partial.stat().st_size
+        if size < total:  # the server closed the connection early, which reads as the end of the data
+            raise RuntimeError(f"{url}: the connection ended after {size} of {total} bytes; {partial} is kept, "
+                               "run again to resume")
     actual = md5sum(partial)
     if actual != expected_md5:
         partial.unlink()
@@ -81,9 +90,21 @@ def download_split(split: str, root: str | Path, base_url: str = OPENSLR_URL,
         log.info("%s already extracted at %s", split, destination)
         return destination
     archive = fetch(f"{base_url}/{split}.tar.gz", root / f"{split}.tar.gz", md5[split])
+    # Extracted beside the destination and moved there whole: an interrupted extraction leaves no partial split
+    # that a later run would take for a complete one.
+    staging = root / f".{split}.extracting"
+    shutil.rmtree(staging, ignore_errors=True)
     log.info("Extracting %s", archive)
     with tarfile.open(archive) as tar:
-        tar.extractall(root, filter="data")
-    if not destination.is_dir():
+        tar.extractall(staging, filter="data")
+    extracted = staging / "LibriSpeech"
+    if not (extracted / split).is_dir():
+        shutil.rmtree(staging)
         raise RuntimeError(f"{archive} did not contain LibriSpeech/{split}/")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    for item in extracted.iterdir():  # SPEAKERS.TXT and the like; the split itself last, once complete
+        if item.name != split and not (destination.parent / item.name).exists():
+            item.rename(destination.parent / item.name)
+    (extracted / split).rename(destination)
+    shutil.rmtree(staging)
     return destination
