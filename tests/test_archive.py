@@ -2,7 +2,10 @@
 
 import dataclasses
 import functools
+import gzip
 import http.server
+import io
+import tarfile
 import threading
 from pathlib import Path
 
@@ -146,16 +149,23 @@ def test_a_region_is_read_without_inflating_the_archive_before_it(tmp_path, monk
         list(read_archive(archive, 2, 3))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "zeroed"])
+@pytest.mark.parametrize("damage", ["truncated", "zeroed", "header"])
 @pytest.mark.parametrize("with_index", [False, True])
 def test_a_damaged_archive_is_an_error_that_names_it(tmp_path, damage, with_index):
     """tarfile alone takes a damaged header for the end of the archive, which would drop the rest silently."""
     archive, _ = big_archive(tmp_path)
     data = Path(archive).read_bytes()
     middle = len(data) // 2
-    data = data[:middle] if damage == "truncated" else data[:middle] + bytes(50_000) + data[middle + 50_000:]
+    if damage == "header":  # a valid gzip stream whose tar has a zeroed header halfway through
+        tar = gzip.decompress(data)
+        with tarfile.open(fileobj=io.BytesIO(tar)) as members:
+            offset = members.getmembers()[len(members.getmembers()) // 2].offset
+        data = gzip.compress(tar[:offset] + bytes(tarfile.BLOCKSIZE) + tar[offset + tarfile.BLOCKSIZE :])
+    else:
+        data = data[:middle] if damage == "truncated" else data[:middle] + bytes(50_000) + data[middle + 50_000:]
     Path(archive).write_bytes(data)
-    with pytest.raises(DataError, match=r"train-clean-100\.tar\.gz: (damaged|truncated)"):
+    expected = "damaged archive: an invalid tar header" if damage == "header" else "(damaged|truncated)"
+    with pytest.raises(DataError, match=rf"train-clean-100\.tar\.gz: {expected}"):
         list(read_archive(archive, index_to=tmp_path / "i.gzidx" if with_index else None))
 
 

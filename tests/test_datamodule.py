@@ -109,8 +109,11 @@ def test_every_bad_input_is_counted_by_reason(tmp_path, tokenizer, source, serve
 
 @pytest.mark.parametrize("source", ["folder", "archive"])
 def test_evaluation_uses_every_usable_utterance_once(tmp_path, tokenizer, source):
-    dm = ready(corpus_datamodule(source_root(tmp_path, source), tokenizer, train_splits=[], test_splits=[]),
-               "validate")
+    """Also when the split is trained on: training leaves out what has too few frames for its label, and
+    evaluation keeps it."""
+    dm = ready(corpus_datamodule(source_root(tmp_path, source), tokenizer, test_splits=[]))
+    trained = {i for b in drain(dm, dm.train_dataloader()) for i in b["ids"]}
+    assert trained == set(USABLE) - {"174-50561-0002", "174-50561-0006"}
     batches = drain(dm, dm.val_dataloader()[0])
     assert sorted(i for b in batches for i in b["ids"]) == sorted(set(USABLE) - {"174-50561-0002"})
     skipped = Counter(reason for b in batches for reason, _ in b["skipped"])
@@ -253,3 +256,12 @@ def test_inspect_an_archive_lists_its_skips(tmp_path):
     assert "dev-clean.tar.gz" in result.stdout
     assert f"skipped: {5 + len(CHECK_PROBLEMS) + 1} " in result.stdout
     assert "'label longer than the output frames': 1" in result.stdout
+
+
+def test_an_evaluation_utterance_longer_than_the_budget_is_batched_alone(tmp_path, tokenizer, caplog):
+    dm = ready(corpus_datamodule(source_root(tmp_path, "folder"), tokenizer, train_splits=[], test_splits=[],
+                                 eval_batch_size=None, eval_max_batch_seconds=2.0), "validate")
+    assert "1 utterances longer than data.eval_max_batch_seconds=2.0 are batched alone" in caplog.text
+    batches = [b["ids"] for b in dm.val_dataloader()[0]]
+    assert ["84-121123-0001"] in batches  # 2.5 s
+    assert sorted(i for b in batches for i in b) == sorted(set(USABLE) - {"174-50561-0002"})  # (undecodable)

@@ -106,6 +106,10 @@ def test_checks_name_the_reason(tmp_path, tokenizer):
     eight_khz = next(u for u in utterances if u.id == "174-50561-0003")
     assert resampling.problem(eight_khz, for_training=True) is None
     assert "8000 Hz" in found["174-50561-0003"].detail
+    budget = Checks(tokenizer, max_batch_seconds=2.0)  # the 2.5 s clip fits in no training batch
+    long = next(u for u in utterances if u.id == "84-121123-0001")
+    assert budget.problem(long, for_training=True).reason == "longer than data.max_batch_seconds"
+    assert budget.problem(long, for_training=False) is None
 
 
 def test_policy_raises_with_the_file_or_counts(tmp_path):

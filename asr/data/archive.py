@@ -141,6 +141,7 @@ def read_archive(location: str, shard: int = 0, shards: int = 1, progress: Progr
             tar = stack.enter_context(tarfile.open(fileobj=stream if indexer is None else indexer,
                                                    mode="r|gz" if indexer is None else "r|"))
             for member in tar:
+                tar.members = []  # a stream reads each member once: keep no list of them (0.5 KB each)
                 chapter, _, name = member.name.rpartition("/")
                 if not member.isfile():
                     continue

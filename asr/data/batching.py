@@ -3,6 +3,7 @@ bucketing of a stream within a bounded buffer."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -21,7 +22,8 @@ SHUFFLE_WINDOW = 0.01
 def cut_batches(order: Sequence[int], durations: Sequence[float], batch_size: int | None,
                 max_batch_seconds: float | None) -> list[list[int]]:
     """Cut ``order`` (indices, by increasing duration) into batches of ``batch_size`` utterances or of at most
-    ``max_batch_seconds`` padded seconds (``len(batch) * longest``)."""
+    ``max_batch_seconds`` padded seconds (``len(batch) * longest``); an utterance longer than that is a batch of
+    its own (training leaves such utterances out beforehand, evaluation keeps every one)."""
     batches: list[list[int]] = []
     current: list[int] = []
     longest = 0.0
@@ -54,6 +56,9 @@ class DurationBatchSampler(Sampler[list[int]]):
     ``i % world_size``. For training (``drop_uneven=True``) the few batches that would leave ranks unequal are
     dropped for that epoch, so no rank waits at the end; for evaluation every utterance is kept and ranks may
     differ by one batch.
+    Where the cut is shuffled, its batch count varies by a few from epoch to epoch; every epoch is given the
+    count of the unshuffled cut instead (Lightning reads ``len()`` once, and schedules by it): surplus batches
+    are left out, and a shortfall is made up with the epoch's first batches again.
     ``set_epoch(epoch, start)`` makes the passes that follow begin at batch ``start`` of that epoch (a resumed
     run); ``len()`` stays the epoch's full count.
     """
@@ -70,12 +75,6 @@ class DurationBatchSampler(Sampler[list[int]]):
         drop_uneven: bool = True,
     ) -> None:
         _check_budget(batch_size, max_batch_seconds)
-        too_long = [d for d in durations if max_batch_seconds is not None and d > max_batch_seconds]
-        if too_long:
-            raise ValueError(
-                f"{len(too_long)} utterances are longer than max_batch_seconds={max_batch_seconds} "
-                f"(longest {max(too_long):.1f}s): raise it or lower data.max_duration"
-            )
         self.durations = list(durations)
         self.batch_size = batch_size
         self.max_batch_seconds = max_batch_seconds
@@ -86,32 +85,35 @@ class DurationBatchSampler(Sampler[list[int]]):
         self.drop_uneven = drop_uneven
         self.epoch = 0
         self.start = 0
+        self.batches_per_epoch = len(self._cut(sorted(range(len(self.durations)), key=self.durations.__getitem__)))
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def _all_batches(self) -> list[list[int]]:
-        rng = random.Random(self.seed + self.epoch)
-        order = sorted(range(len(self.durations)), key=self.durations.__getitem__)
-        if self.shuffle:
-            window = SHUFFLE_WINDOW * len(order)
-            keys = [(place + window * rng.random(), i) for place, i in enumerate(order)]
-            order = [i for _, i in sorted(keys)]
+    def _cut(self, order: list[int]) -> list[list[int]]:
         batches = cut_batches(order, self.durations, self.batch_size, self.max_batch_seconds)
-        if self.shuffle:
-            rng.shuffle(batches)
         if self.drop_uneven:
             batches = batches[: len(batches) - len(batches) % self.world_size]
         return batches
+
+    def _all_batches(self) -> list[list[int]]:
+        order = sorted(range(len(self.durations)), key=self.durations.__getitem__)
+        if not self.shuffle:
+            return self._cut(order)
+        rng = random.Random(self.seed + self.epoch)
+        window = SHUFFLE_WINDOW * len(order)
+        keys = [(place + window * rng.random(), i) for place, i in enumerate(order)]
+        batches = cut_batches([i for _, i in sorted(keys)], self.durations, self.batch_size, self.max_batch_seconds)
+        rng.shuffle(batches)
+        return list(itertools.islice(itertools.cycle(batches), self.batches_per_epoch))
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self._all_batches()[self.rank :: self.world_size][self.start :]
 
     def __len__(self) -> int:
-        total = len(self._all_batches())
         if self.drop_uneven:
-            return total // self.world_size
-        return math.ceil(max(0, total - self.rank) / self.world_size)
+            return self.batches_per_epoch // self.world_size
+        return math.ceil(max(0, self.batches_per_epoch - self.rank) / self.world_size)
 
 
 # In a stream, a batch padded worse than this waits in the buffer for utterances of similar length (while

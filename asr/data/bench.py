@@ -225,7 +225,7 @@ def train_data(overrides: list[str]):
     datamodule.setup("fit")
     if datamodule.is_stream(datamodule.train_splits):
         raise SystemExit("the throughput benchmark reads extracted folders; point data.root at one")
-    return datamodule, [u for split in datamodule.train_splits for u in datamodule._utterances[split]]
+    return datamodule, [u for split in datamodule.train_splits for u in datamodule._train_utterances[split]]
 
 
 def throughput(datamodule, utterances: list[Utterance], workers: list[int], seconds: float, rounds: int) -> dict:
@@ -241,7 +241,7 @@ def throughput(datamodule, utterances: list[Utterance], workers: list[int], seco
         for _ in range(rounds):
             loaded.append(loader_rate(datamodule, n, seconds / rounds))
             plain.append(plain_rate(paths, seconds / rounds))
-        ratio = statistics.median(ours["rate"] / theirs["rate"] for ours, theirs in zip(loaded, plain))
+        ratio = statistics.median(ours["rate"] / theirs["rate"] for ours, theirs in zip(loaded, plain, strict=True))
         cpu = {"plain": statistics.median(p["cpu"] for p in plain),
                "main": statistics.median(r["cpu_main"] for r in loaded)}
         if all(r["cpu_workers"] is not None for r in loaded):

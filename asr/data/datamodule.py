@@ -82,7 +82,7 @@ class SpeechDataModule(L.LightningDataModule):
         self.eval_batch_size, self.eval_max_batch_seconds = eval_batch_size, eval_max_batch_seconds
         self.checks = Checks(tokenizer, resample=resample, min_samples=min_samples,
                              frames_per_second=frames_per_second, min_duration=min_duration,
-                             max_duration=max_duration)
+                             max_duration=max_duration, max_batch_seconds=max_batch_seconds)
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor
@@ -97,7 +97,8 @@ class SpeechDataModule(L.LightningDataModule):
         self.demo_corpus = DemoCorpusConfig(**demo_corpus) if demo_corpus is not None else None
         # "<split>/<reason>" -> skips: at setup, and while decoding (each epoch)
         self.skipped: Counter = Counter()
-        self._utterances: dict[str, list[Utterance]] = {}
+        self._utterances: dict[str, list[Utterance]] = {}  # split -> usable for evaluation (folders)
+        self._train_utterances: dict[str, list[Utterance]] = {}  # split -> usable for training
         self._index_files: dict[str, str] = {}  # training archives read by region -> their gzip index
         self._train_loader: DataLoader | None = None
         self._position = {"epoch": 0, "batches": 0}  # training batches this rank has received in that epoch
@@ -129,13 +130,20 @@ class SpeechDataModule(L.LightningDataModule):
         utterances, skipped = [], Counter()
         for manifest in manifests or self.manifest(split):
             skipped.update(apply_policy(manifest.problems, self.on_error))
-            for utt in manifest.utterances:
-                problem = self.checks.problem(utt, for_training)
-                if problem is None:
-                    utterances.append(utt)
-                else:
-                    skipped.update(apply_policy([problem], self.on_error))
+            usable, unusable = self._usable(manifest.utterances, for_training)
+            utterances += usable
+            skipped.update(unusable)
         return utterances, skipped
+
+    def _usable(self, utterances: list[Utterance], for_training: bool) -> tuple[list[Utterance], Counter]:
+        usable, skipped = [], Counter()
+        for utt in utterances:
+            problem = self.checks.problem(utt, for_training)
+            if problem is None:
+                usable.append(utt)
+            else:
+                skipped.update(apply_policy([problem], self.on_error))
+        return usable, skipped
 
     def _all_splits(self) -> list[str]:
         return list(dict.fromkeys([*self.train_splits, *self.val_splits, *self.test_splits]))
@@ -152,26 +160,41 @@ class SpeechDataModule(L.LightningDataModule):
                 self.manifest(split, verify=True)
 
     def setup(self, stage: str | None = None) -> None:
+        """Folders: every utterance the model can encode, for evaluation, and of those the ones training can use
+        (duration limits, CTC length), so that a split both trained and evaluated on is evaluated whole.
+        Archives: the training splits' utterances, from their manifests (to count batches, and to read by
+        region); evaluation streams need nothing beforehand."""
         wanted = {"fit": self.train_splits + self.val_splits, "validate": self.val_splits,
                   "test": self.test_splits}
         for split in wanted.get(stage, self._all_splits()):
-            if split in self._utterances:
-                continue
             training = split in self.train_splits
             if not self.is_stream([split]):
-                self._keep(split, *self.load_split(split, for_training=training))
-            elif training and self.batches_per_epoch is None:  # to count batches, and to read by region
+                if split not in self._utterances:
+                    self._keep(split, False, *self.load_split(split, for_training=False))
+                    self._warn_alone(split)
+                if training and split not in self._train_utterances:
+                    self._keep(split, True, *self._usable(self._utterances[split], for_training=True))
+            elif training and self.batches_per_epoch is None and split not in self._train_utterances:
                 manifests = self.manifest(split)
-                self._keep(split, *self.load_split(split, True, manifests))
+                self._keep(split, True, *self.load_split(split, True, manifests))
                 self._index_files.update({m.source: m.index_file for m in manifests if m.index_file is not None})
 
-    def _keep(self, split: str, utterances: list[Utterance], skipped: Counter) -> None:
+    def _warn_alone(self, split: str) -> None:
+        budget = self.eval_max_batch_seconds
+        longer = [u for u in self._utterances[split] if budget is not None and u.duration > budget]
+        if longer:
+            log.warning("%s: %d utterances longer than data.eval_max_batch_seconds=%s are batched alone (longest "
+                        "%.1f s)", split, len(longer), budget, max(u.duration for u in longer))
+
+    def _keep(self, split: str, training: bool, utterances: list[Utterance], skipped: Counter) -> None:
+        role = "training" if training else "evaluation"
         if not utterances:
-            raise DataError(f"{split}: no usable utterances in {self.locations(split)}, {dict(skipped)}")
+            raise DataError(f"{split}: no utterances usable for {role} in {self.locations(split)}, "
+                            f"{dict(skipped)}")
         if skipped:
-            log.warning("%s: %d utterances, skipped %s", split, len(utterances), dict(skipped))
+            log.warning("%s: %d utterances for %s, skipped %s", split, len(utterances), role, dict(skipped))
         self.skipped.update({f"{split}/{reason}": n for reason, n in skipped.items()})
-        self._utterances[split] = utterances
+        (self._train_utterances if training else self._utterances)[split] = utterances
 
     def _rank_and_world(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
@@ -191,7 +214,7 @@ class SpeechDataModule(L.LightningDataModule):
             self._train_loader = _TrainLoader(self._train_stream(rank, world), batch_size=None, collate_fn=_as_is,
                                               **options)
         else:
-            utterances = [u for split in self.train_splits for u in self._utterances[split]]
+            utterances = [u for split in self.train_splits for u in self._train_utterances[split]]
             sampler = DurationBatchSampler(
                 [u.duration for u in utterances], self.batch_size, self.max_batch_seconds,
                 shuffle=True, seed=self.seed, rank=rank, world_size=world, drop_uneven=True,
@@ -210,7 +233,7 @@ class SpeechDataModule(L.LightningDataModule):
         workers = max(1, self.num_workers)
         shards: list[list[Utterance]] = []
         if self.batches_per_epoch is None:
-            utterances = [u for split in self.train_splits for u in self._utterances[split]]
+            utterances = [u for split in self.train_splits for u in self._train_utterances[split]]
             shards = stream_shards(utterances, world * workers, self._index_files)
         mine = range(rank * workers, (rank + 1) * workers)
         regions = {location: IndexedRegions(index_file, {s: [u for u in shards[s] if u.path == location] for s in mine})

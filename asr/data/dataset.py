@@ -36,6 +36,7 @@ class Checks:
     frames_per_second: float = 50.0
     min_duration: float | None = None
     max_duration: float | None = None
+    max_batch_seconds: float | None = None  # training batches' budget: a longer utterance fits in none
 
     def problem(self, utt: Utterance, for_training: bool) -> Problem | None:
         """Why ``utt`` cannot be used, or None. Duration limits and the CTC length check apply to training
@@ -60,6 +61,8 @@ class Checks:
             return bad("shorter than data.min_duration", f"{utt.duration:.2f} s")
         if self.max_duration is not None and utt.duration > self.max_duration:
             return bad("longer than data.max_duration", f"{utt.duration:.2f} s")
+        if self.max_batch_seconds is not None and utt.duration > self.max_batch_seconds:
+            return bad("longer than data.max_batch_seconds", f"{utt.duration:.2f} s")
         # CTC needs a frame per label, and a blank between repeated labels; fewer give an infinite loss.
         text = normalize(utt.transcript)
         needed = len(text) + sum(a == b for a, b in itertools.pairwise(text))
