@@ -252,3 +252,18 @@ def test_a_bad_gzip_checksum_is_found_by_the_indexed_scan(tmp_path):
     with pytest.raises(DataError, match=r"train-clean-100\.tar\.gz: damaged or truncated archive"):
         list(read_archive(archive, index_to=tmp_path / "i.gzidx"))
     assert not (tmp_path / "i.gzidx").exists()
+
+
+def test_a_network_error_while_streaming_names_the_url(tmp_path, monkeypatch):
+    write_corpus(tmp_path)
+    data = make_archive(tmp_path, "dev-clean", tmp_path / "dev-clean.tar.gz").read_bytes()
+
+    class TimesOut(io.BytesIO):
+        def read(self, size=-1):
+            if self.tell() > len(data) // 2:
+                raise TimeoutError("timed out")
+            return super().read(size)
+
+    monkeypatch.setattr(archive_module, "open_location", lambda location: (TimesOut(data), len(data)))
+    with pytest.raises(DataError, match=r"http://host/dev-clean\.tar\.gz: reading failed \(timed out\)"):
+        list(read_archive("http://host/dev-clean.tar.gz"))

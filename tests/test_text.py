@@ -1,7 +1,7 @@
 import torch
 from transformers import Wav2Vec2CTCTokenizer
 
-from asr.data.text import normalize
+from asr.data.text import canonical, normalize
 
 
 def test_normalize_librispeech_style():
@@ -15,6 +15,15 @@ def test_encode_decode_round_trip(tokenizer):
     assert ids.count(tokenizer.delimiter_id) == 4
     assert tokenizer.decode(ids) == text
     assert tokenizer.unknown_characters("CAFÉ 9") == {"É", "9"}
+    assert tokenizer.unknown_characters("A|B") == {"|"}  # the word delimiter is a token, not a character
+
+
+def test_the_vocabulary_check_sees_what_normalisation_keeps(tokenizer):
+    """A character the check lets through is kept by normalisation, and one it rejects would be stripped."""
+    for text in ("IT’S TWENTY-ONE", "ROCK'N ROLL"):
+        assert not tokenizer.unknown_characters(canonical(text))
+        assert normalize(text) == canonical(text).replace("  ", " ")
+    assert tokenizer.unknown_characters(canonical("NAÏVE | 2")) == {"Ï", "|", "2"}
 
 
 def test_vocabulary_matches_transformers_tokenizer(tokenizer, tmp_path):

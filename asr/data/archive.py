@@ -164,10 +164,9 @@ def read_archive(location: str, shard: int = 0, shards: int = 1, progress: Progr
             _check_end(tar, location)
         except (tarfile.TarError, zlib.error, EOFError) as err:
             raise DataError(f"{location}: damaged or truncated archive ({err})") from err
-        except OSError as err:  # indexed_gzip's errors (a bad checksum included); not over HTTP (no indexer)
-            if indexer is None:
-                raise
-            raise DataError(f"{location}: damaged or truncated archive ({err})") from err
+        except OSError as err:  # indexed_gzip's errors (a bad checksum included), or the network's or disk's
+            what = "damaged or truncated archive" if indexer is not None else "reading failed"
+            raise DataError(f"{location}: {what} ({err})") from err
         if indexer is not None:
             with replaced_atomically(index_to) as partial:
                 indexer.export_index(str(partial))

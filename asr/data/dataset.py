@@ -21,7 +21,7 @@ from asr.data import hf
 from asr.data.archive import IndexedRegions, cut_regions, read_archive, read_members
 from asr.data.batching import bucket_stream
 from asr.data.librispeech import SAMPLE_RATE, DataError, Problem, Utterance
-from asr.data.text import CharTokenizer, normalize
+from asr.data.text import CharTokenizer, canonical, normalize
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Checks:
             return Problem(reason, utt.where, detail)
 
         # Checked before normalisation, which would strip such characters from the label silently.
-        unknown = self.tokenizer.unknown_characters(utt.transcript.upper().replace("-", " "))
+        unknown = self.tokenizer.unknown_characters(canonical(utt.transcript))
         if unknown:
             return bad("characters outside the vocabulary", "".join(sorted(unknown)))
         if utt.sample_rate != self.sample_rate and not self.resample:

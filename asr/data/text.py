@@ -18,10 +18,15 @@ _NOT_IN_ALPHABET = re.compile(r"[^A-Z' ]+")
 _SPACES = re.compile(r"\s+")
 
 
+def canonical(text: str) -> str:
+    """Upper case, typographic apostrophes as ASCII ones, hyphens as spaces: what is left outside the alphabet
+    is what :func:`normalize` would strip."""
+    return text.upper().replace("’", "'").replace("-", " ")
+
+
 def normalize(text: str) -> str:
     """LibriSpeech style: upper case, letters and apostrophes, single spaces."""
-    text = text.upper().replace("’", "'").replace("-", " ")
-    text = _NOT_IN_ALPHABET.sub(" ", text)
+    text = _NOT_IN_ALPHABET.sub(" ", canonical(text))
     return _SPACES.sub(" ", text).strip()
 
 
@@ -34,12 +39,13 @@ class CharTokenizer:
         self.pad_id = self.token_to_id[PAD]
         self.unk_id = self.token_to_id[UNK]
         self.delimiter_id = self.token_to_id[WORD_DELIMITER]
+        self.characters = {t for t in vocab if len(t) == 1 and t != WORD_DELIMITER}
 
     def __len__(self) -> int:
         return len(self.vocab)
 
     def unknown_characters(self, text: str) -> set[str]:
-        return {c for c in text if c != " " and c not in self.token_to_id}
+        return {c for c in text if c != " " and c not in self.characters}
 
     def encode(self, text: str) -> list[int]:
         """Encode a normalised transcript; spaces become the word delimiter."""
