@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 import asr.data.archive as archive_module
 from asr.data.archive import IndexedRegions, cut_regions, read_archive, read_members
 from asr.data.datamodule import _as_is
-from asr.data.dataset import Checks, StreamDataset, stream_shard_count, stream_shards
+from asr.data.dataset import Checks, StreamDataset, region_from_a_start, stream_shard_count, stream_shards
 from asr.data.librispeech import DataError, Problem, scan_directory
 from asr.data.manifest import load_manifest
 from tests.test_librispeech import CHECK_PROBLEMS, SOURCE_PROBLEMS, USABLE, key, make_archive, write_corpus
@@ -205,7 +205,7 @@ def test_training_stream_ranks_get_equal_batch_counts_and_disjoint_data(tmp_path
     index_files = {archive: manifest.index_file} if by_region else {}
     workers, world = 2, 2
     shards = stream_shards(manifest.utterances, world * workers, index_files)
-    counts = [stream_shard_count(utterances, s, None, 1.5, 12, 3) for s, utterances in enumerate(shards)]
+    counts = [stream_shard_count(utterances, s, index_files, None, 1.5, 12, 3) for s, utterances in enumerate(shards)]
     per_rank = min(counts) * workers
     regions = {archive: IndexedRegions(manifest.index_file, dict(enumerate(shards)))} if by_region else {}
     ranks = [batches_of(stream(archive, tokenizer, r, world, batches_per_epoch=per_rank, indexed=regions), workers)
@@ -222,11 +222,22 @@ def test_training_stream_ranks_get_equal_batch_counts_and_disjoint_data(tmp_path
     more = batches_of(stream(archive, tokenizer, 0, world, batches_per_epoch=per_rank * 3, indexed=regions),
                       workers)
     assert len(more) == per_rank * 3
-    # Each epoch has its own batches.
+    # Each epoch has its own batches; read by region, a shard that stops at its quota leaves out other
+    # utterances each epoch (its region is read from another start).
     dataset = stream(archive, tokenizer, 0, 1, batches_per_epoch=4, indexed=regions)
     first = [b["ids"] for b in batches_of(dataset, 0)]
     dataset.set_epoch(1)
-    assert [b["ids"] for b in batches_of(dataset, 0)] != first
+    second = [b["ids"] for b in batches_of(dataset, 0)]
+    assert second != first
+    if by_region:  # each epoch's first batch comes from the first buffer (12) of the region read from its start
+        for epoch, batches in enumerate((first, second)):
+            region = region_from_a_start(shards[0], 3, epoch, 0, 0)
+            assert set(batches[0]) <= {u.id for u in region[:12]}
+        rotations = [region_from_a_start(shards[0], 3, epoch, 0, 0) for epoch in range(5)]
+        assert len({r[0].id for r in rotations}) > 1
+        for r in rotations:
+            start = shards[0].index(r[0])
+            assert r == shards[0][start:] + shards[0][:start]
 
 
 @pytest.mark.parametrize("by_region", [False, True])

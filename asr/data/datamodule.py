@@ -248,8 +248,8 @@ class SpeechDataModule(L.LightningDataModule):
     def _stream_batches(self, shards: list[list[Utterance]], workers: int) -> int:
         """Batches per rank and epoch of a streamed train split: what its leanest (rank, worker) shard yields,
         from the manifest, times the workers; so in epoch 0 no worker re-reads its shard."""
-        leanest = min(stream_shard_count(utterances, shard, self.batch_size, self.max_batch_seconds,
-                                         self.shuffle_buffer, self.seed)
+        leanest = min(stream_shard_count(utterances, shard, self._index_files, self.batch_size,
+                                         self.max_batch_seconds, self.shuffle_buffer, self.seed)
                       for shard, utterances in enumerate(shards))
         if leanest == 0:
             raise DataError(f"{self.train_splits}: too few usable utterances for {len(shards)} stream shards")

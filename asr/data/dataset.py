@@ -219,12 +219,25 @@ def stream_shards(utterances: Sequence[Utterance], shards: int, indexed: Collect
     return result
 
 
-def stream_shard_count(utterances: Sequence[Utterance], shard: int, batch_size: int | None,
+def region_from_a_start(region: list[Utterance], seed: int, epoch: int, pass_: int, shard: int) -> list[Utterance]:
+    """A training shard's region of an archive, read from a start drawn for the epoch and pass, wrapping around:
+    the utterances a shard leaves out when it reaches its quota are not the same ones every epoch."""
+    if not region:
+        return region
+    start = random.Random(f"{seed}/{epoch}/{pass_}/{shard}/{region[0].path}").randrange(len(region))
+    return [*region[start:], *region[:start]]
+
+
+def stream_shard_count(utterances: Sequence[Utterance], shard: int, indexed: Collection[str], batch_size: int | None,
                        max_batch_seconds: float | None, buffer_size: int, seed: int) -> int:
-    """How many batches training stream shard ``shard`` yields from its ``utterances`` in the first pass of
-    epoch 0."""
+    """How many batches training stream shard ``shard`` yields from its ``utterances`` (of archives read by
+    region where in ``indexed``) in the first pass of epoch 0."""
+    ordered: list[Utterance] = []
+    for location, group in itertools.groupby(utterances, key=lambda u: u.path):
+        group = list(group)
+        ordered += region_from_a_start(group, seed, 0, 0, shard) if location in indexed else group
     rng = stream_rng(seed, 0, 0, shard)
-    return sum(1 for _ in bucket_stream(utterances, _duration, batch_size, max_batch_seconds, buffer_size, rng))
+    return sum(1 for _ in bucket_stream(ordered, _duration, batch_size, max_batch_seconds, buffer_size, rng))
 
 
 def _duration(record: Utterance | tuple[Utterance, bytes]) -> float:
@@ -236,7 +249,8 @@ class StreamDataset(IterableDataset):
 
     Each (rank, worker) is a shard, ``shard = rank * workers + worker``, and reads its audio members in stream
     order (:func:`stream_shards`): of an archive in ``indexed`` (a local file with a gzip index from its manifest
-    scan), its region, read through the index; of any other, member ``k`` if ``k % shards == shard``, so every
+    scan), its region, read through the index (in training from a start drawn for each epoch and pass, wrapping
+    around: :func:`region_from_a_start`); of any other, member ``k`` if ``k % shards == shard``, so every
     shard inflates the whole archive and decodes its own members only. Batches are bucketed by duration within a
     buffer of ``buffer_size`` utterances (see :func:`bucket_stream`).
 
@@ -276,14 +290,17 @@ class StreamDataset(IterableDataset):
             raise TypeError("an evaluation stream has no length before it is read")
         return self.batches_per_epoch
 
-    def _usable(self, shard: int, shards: int, skipped: list) -> Iterator[tuple[Utterance, bytes]]:
+    def _usable(self, shard: int, shards: int, pass_: int, skipped: list) -> Iterator[tuple[Utterance, bytes]]:
         training = self.batches_per_epoch is not None
         for location in self.locations:
             regions = self.indexed.get(location)
             if regions is None:
                 records = read_archive(location, shard, shards)
             else:
-                records = read_members(location, regions.index_file, regions.shards.get(shard, []))
+                region = regions.shards.get(shard, [])
+                if training:
+                    region = region_from_a_start(region, self.seed, self.epoch, pass_, shard)
+                records = read_members(location, regions.index_file, region)
             for record in records:
                 problem = record if isinstance(record, Problem) else self.checks.problem(record[0], training)
                 if problem is None:
@@ -297,7 +314,7 @@ class StreamDataset(IterableDataset):
 
     def _batches(self, shard: int, shards: int, pass_: int, skipped: list) -> Iterator[list[tuple]]:
         rng = None if self.batches_per_epoch is None else stream_rng(self.seed, self.epoch, pass_, shard)
-        records = self._usable(shard, shards, skipped)
+        records = self._usable(shard, shards, pass_, skipped)
         return bucket_stream(records, _duration, self.batch_size, self.max_batch_seconds, self.buffer_size,
                              rng)
 
