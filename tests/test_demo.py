@@ -55,7 +55,10 @@ def test_an_interrupted_corpus_build_leaves_no_tree_and_is_redone(tmp_path, monk
     from asr.data import demo
 
     cfg = demo.DemoCorpusConfig(train_hours=0.003, dev_utterances=2, test_utterances=2)
-    monkeypatch.setattr(demo, "asdict", lambda _: (_ for _ in ()).throw(KeyboardInterrupt))  # at the marker
+    def interrupted(*args, **kwargs):  # after the audio, at the first transcript
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo.Path, "write_text", interrupted)
     with pytest.raises(KeyboardInterrupt):
         demo.build_demo_corpus(tmp_path, cfg, workers=1)
     assert list((tmp_path / ".LibriSpeech.building").rglob("*.flac")) and not (tmp_path / "LibriSpeech").exists()
