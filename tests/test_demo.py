@@ -67,3 +67,19 @@ def test_an_interrupted_corpus_build_leaves_no_tree_and_is_redone(tmp_path, monk
     tree = demo.build_demo_corpus(tmp_path, cfg, workers=1)
     assert any(tree.glob(".demo-*")) and len(list(tree.rglob("*.flac"))) > 6
     assert not (tmp_path / ".LibriSpeech.building").exists()
+
+
+def test_runs_sharing_the_cache_build_the_corpus_once(tmp_path, monkeypatch):
+    import threading
+
+    from asr.data import demo
+
+    cfg = demo.DemoCorpusConfig(train_hours=0.003, dev_utterances=2, test_utterances=2)
+    build, builds = demo._build, []
+    monkeypatch.setattr(demo, "_build", lambda *args: (builds.append(1), build(*args)))
+    runs = [threading.Thread(target=demo.build_demo_corpus, args=(tmp_path, cfg, 1)) for _ in range(2)]
+    for run_ in runs:
+        run_.start()
+    for run_ in runs:
+        run_.join()
+    assert builds == [1] and any((tmp_path / "LibriSpeech").glob(".demo-*"))

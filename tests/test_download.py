@@ -120,10 +120,11 @@ def test_an_interrupted_extraction_leaves_no_split_behind(server, tmp_path, monk
     monkeypatch.setattr(tarfile.TarFile, "extractall", interrupted)
     with pytest.raises(KeyboardInterrupt):
         download_split("dev-clean", root, base_url=server, md5=md5)
-    assert list((root / ".dev-clean.extracting").rglob("*")) and not (root / "LibriSpeech").exists()
+    staging = root / "LibriSpeech" / ".dev-clean.extracting"
+    assert list(staging.rglob("*")) and not (root / "LibriSpeech" / "dev-clean").exists()
 
     monkeypatch.setattr(tarfile.TarFile, "extractall", extract)
     download_split("dev-clean", root, base_url=server, md5=md5)  # not taken as extracted: extracts again
     utterances, _ = scan_directory(split_dir(root, "dev-clean"))
     assert len(utterances) == 2 and (root / "LibriSpeech" / "SPEAKERS.TXT").exists()
-    assert not (root / ".dev-clean.extracting").exists()
+    assert not staging.exists()

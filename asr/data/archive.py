@@ -203,7 +203,7 @@ def cut_regions(utterances: Sequence[Utterance], shards: int) -> list[list[Utter
 def read_members(location: str, index_file: str,
                  utterances: Sequence[Utterance]) -> Iterator[tuple[Utterance, bytes]]:
     """The FLAC bytes of archive members, found through the archive's gzip index, in the order given (in stream
-    order, nothing is inflated twice)."""
+    order, nothing is inflated twice; a region read from a later start seeks back once, to its beginning)."""
     if not utterances:
         return
     changed = "the archive changed since its manifest was written; delete the manifest to scan it again"

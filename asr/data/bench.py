@@ -170,7 +170,8 @@ def loader_rate(datamodule, workers: int, seconds: float) -> dict:
         if batches == 0:
             raise ValueError(f"the train loader of {datamodule.train_splits} yields no batches")
     elapsed, main_cpu = time.perf_counter() - start, time.process_time() - main_cpu
-    worker_cpu = None if worker_cpu is None or not workers else workers_cpu() - worker_cpu
+    end = workers_cpu() if workers and worker_cpu is not None else None
+    worker_cpu = None if end is None else end - worker_cpu
     del loader
     return {"rate": audio / elapsed, "cpu_main": 1000 * main_cpu / audio,
             "cpu_workers": None if worker_cpu is None else 1000 * worker_cpu / audio}

@@ -160,20 +160,23 @@ class SpeechDataModule(L.LightningDataModule):
                 self.manifest(split, verify=True)
 
     def setup(self, stage: str | None = None) -> None:
-        """Folders: every utterance the model can encode, for evaluation, and of those the ones training can use
+        """Folders: for evaluation every utterance the model can encode, and for training those it can use
         (duration limits, CTC length), so that a split both trained and evaluated on is evaluated whole.
         Archives: the training splits' utterances, from their manifests (to count batches, and to read by
         region); evaluation streams need nothing beforehand."""
         wanted = {"fit": self.train_splits + self.val_splits, "validate": self.val_splits,
                   "test": self.test_splits}
         for split in wanted.get(stage, self._all_splits()):
-            training = split in self.train_splits
+            training, evaluated = split in self.train_splits, split in self.val_splits + self.test_splits
             if not self.is_stream([split]):
-                if split not in self._utterances:
+                if evaluated and split not in self._utterances:
                     self._keep(split, False, *self.load_split(split, for_training=False))
                     self._warn_alone(split)
                 if training and split not in self._train_utterances:
-                    self._keep(split, True, *self._usable(self._utterances[split], for_training=True))
+                    if evaluated:  # training's checks on what evaluation keeps: nothing counted twice
+                        self._keep(split, True, *self._usable(self._utterances[split], for_training=True))
+                    else:
+                        self._keep(split, True, *self.load_split(split, for_training=True))
             elif training and self.batches_per_epoch is None and split not in self._train_utterances:
                 manifests = self.manifest(split)
                 self._keep(split, True, *self.load_split(split, True, manifests))

@@ -8,6 +8,7 @@ Everything is drawn from one seed, so the same seed always gives the same corpus
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import json
 import logging
@@ -176,6 +177,15 @@ def build_demo_corpus(root: str | Path, cfg: DemoCorpusConfig = DemoCorpusConfig
     marker = tree / f".demo-{cfg.fingerprint()}"
     if marker.exists():
         return tree
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    with open(tree.parent / ".LibriSpeech.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # runs sharing the cache build it once; the others wait for it
+        if not marker.exists():
+            _build(tree, marker, cfg, workers)
+    return tree
+
+
+def _build(tree: Path, marker: Path, cfg: DemoCorpusConfig, workers: int) -> None:
     if tree.exists():
         if not any(tree.glob(".demo-*")):
             raise FileExistsError(f"{tree} exists and is not a demo corpus; point data.root at another folder")
@@ -201,7 +211,6 @@ def build_demo_corpus(root: str | Path, cfg: DemoCorpusConfig = DemoCorpusConfig
             key.write_text("\n".join(sorted(lines)) + "\n")
     (staging / marker.name).write_text(json.dumps(asdict(cfg), indent=1))
     staging.rename(tree)
-    return tree
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import shutil
 import tarfile
@@ -63,7 +64,7 @@ def fetch(url: str, target: Path, expected_md5: str) -> Path:
                     while block := response.read(_CHUNK):
                         out.write(block)
                         progress.advance(task, len(block))
-            except OSError as err:  # a reset or timed-out connection
+            except (OSError, http.client.HTTPException) as err:  # a reset, timed-out or cut chunked transfer
                 raise RuntimeError(f"{url}: download interrupted ({err}); {partial} is kept, run again to "
                                    "resume") from err
         size = partial.stat().st_size
@@ -90,9 +91,10 @@ def download_split(split: str, root: str | Path, base_url: str = OPENSLR_URL,
         log.info("%s already extracted at %s", split, destination)
         return destination
     archive = fetch(f"{base_url}/{split}.tar.gz", root / f"{split}.tar.gz", md5[split])
-    # Extracted beside the destination and moved there whole: an interrupted extraction leaves no partial split
-    # that a later run would take for a complete one.
-    staging = root / f".{split}.extracting"
+    # Extracted beside the destination (on its file system) and moved there whole: an interrupted extraction
+    # leaves no partial split that a later run would take for a complete one.
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = destination.parent / f".{split}.extracting"
     shutil.rmtree(staging, ignore_errors=True)
     log.info("Extracting %s", archive)
     with tarfile.open(archive) as tar:
@@ -101,7 +103,6 @@ def download_split(split: str, root: str | Path, base_url: str = OPENSLR_URL,
     if not (extracted / split).is_dir():
         shutil.rmtree(staging)
         raise RuntimeError(f"{archive} did not contain LibriSpeech/{split}/")
-    destination.parent.mkdir(parents=True, exist_ok=True)
     for item in extracted.iterdir():  # SPEAKERS.TXT and the like; the split itself last, once complete
         if item.name != split and not (destination.parent / item.name).exists():
             item.rename(destination.parent / item.name)
