@@ -98,7 +98,7 @@ def test_an_unfinished_pass_does_not_shorten_the_next():
 
 def test_every_epoch_has_the_length_lightning_read_at_the_start():
     """The shuffled cut gives a few batches more or fewer from epoch to epoch; Lightning reads len() once."""
-    durations = librispeech_like_durations(2)  # 136 or 134 batches of 60 s, by epoch, before they are evened out
+    durations = librispeech_like_durations(2)  # 135 or 136 batches of 60 s, by epoch (134 or 136 for 2 ranks)
     ranks = [DurationBatchSampler(durations, max_batch_seconds=60, seed=1, rank=r, world_size=2) for r in range(2)]
     length = len(ranks[0])
     for epoch in range(8):

@@ -56,9 +56,9 @@ class DurationBatchSampler(Sampler[list[int]]):
     ``i % world_size``. For training (``drop_uneven=True``) the few batches that would leave ranks unequal are
     dropped for that epoch, so no rank waits at the end; for evaluation every utterance is kept and ranks may
     differ by one batch.
-    Where the cut is shuffled, its batch count varies by a few from epoch to epoch; every epoch is given the
-    count of the unshuffled cut instead (Lightning reads ``len()`` once, and schedules by it): surplus batches
-    are left out, and a shortfall is made up with the epoch's first batches again.
+    Where the cut is shuffled, its batch count varies by a batch or two from epoch to epoch; every epoch is given
+    epoch 0's count instead (Lightning reads ``len()`` once, and schedules by it): surplus batches are left out,
+    and a shortfall is made up with the epoch's first batches again.
     ``set_epoch(epoch, start)`` makes the passes that follow begin at batch ``start`` of that epoch (a resumed
     run); ``len()`` stays the epoch's full count.
     """
@@ -85,26 +85,25 @@ class DurationBatchSampler(Sampler[list[int]]):
         self.drop_uneven = drop_uneven
         self.epoch = 0
         self.start = 0
-        self.batches_per_epoch = len(self._cut(sorted(range(len(self.durations)), key=self.durations.__getitem__)))
+        count = len(self._cut(random.Random(seed)))  # epoch 0's
+        self.batches_per_epoch = count - count % world_size if drop_uneven else count
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def _cut(self, order: list[int]) -> list[list[int]]:
-        batches = cut_batches(order, self.durations, self.batch_size, self.max_batch_seconds)
-        if self.drop_uneven:
-            batches = batches[: len(batches) - len(batches) % self.world_size]
-        return batches
+    def _cut(self, rng: random.Random) -> list[list[int]]:
+        order = sorted(range(len(self.durations)), key=self.durations.__getitem__)
+        if self.shuffle:
+            window = SHUFFLE_WINDOW * len(order)
+            keys = [(place + window * rng.random(), i) for place, i in enumerate(order)]
+            order = [i for _, i in sorted(keys)]
+        return cut_batches(order, self.durations, self.batch_size, self.max_batch_seconds)
 
     def _all_batches(self) -> list[list[int]]:
-        order = sorted(range(len(self.durations)), key=self.durations.__getitem__)
-        if not self.shuffle:
-            return self._cut(order)
         rng = random.Random(self.seed + self.epoch)
-        window = SHUFFLE_WINDOW * len(order)
-        keys = [(place + window * rng.random(), i) for place, i in enumerate(order)]
-        batches = cut_batches([i for _, i in sorted(keys)], self.durations, self.batch_size, self.max_batch_seconds)
-        rng.shuffle(batches)
+        batches = self._cut(rng)
+        if self.shuffle:
+            rng.shuffle(batches)
         return list(itertools.islice(itertools.cycle(batches), self.batches_per_epoch))
 
     def __iter__(self) -> Iterator[list[int]]:
