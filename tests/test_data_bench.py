@@ -26,7 +26,8 @@ def test_bench_command_reports_throughput_and_padding(demo_root, tmp_path):
         assert set(loader["cpu_ms_per_audio_s"]) == {"plain", "main"} and loader["cpu_ms_per_audio_s"]["main"] > 0
         worker = report["loader"][files]["workers=1"]
         cpu = worker["cpu_ms_per_audio_s"]
-        assert cpu["workers"] > 0 and worker["worker_cpu_efficiency"] == round(cpu["plain"] / cpu["workers"], 3)
+        # The report rounds the CPU times it prints, so the efficiency recomputed from them can differ in the last digit.
+        assert cpu["workers"] > 0 and abs(worker["worker_cpu_efficiency"] - cpu["plain"] / cpu["workers"]) <= 0.002
     archive = report["loader"]["archive"]
     assert archive["members"] > 100 and archive["shards"] == 2 and archive["shard"] == 1
     assert archive["streamed"]["audio_s_per_s"] > 0 and archive["by_region"]["audio_s_per_s"] > 0
