@@ -16,7 +16,7 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
     ranges: list[str | None] = []
     cut_after: int | None = None  # bytes sent before the connection is dropped, once
-
+    send_length = True
 
     def do_GET(self):
         body = self.files.get(self.path)
@@ -26,8 +26,12 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         requested = self.headers.get("Range")
         self.ranges.append(requested)
         start = int(requested.removeprefix("bytes=").rstrip("-")) if requested else 0
+        if start >= len(body):
+            self.send_error(416)
+            return
         self.send_response(206 if requested else 200)
-        self.send_header("Content-Length", str(len(body) - start))
+        if self.send_length:
+            self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         if RangeHandler.cut_after is not None:
             self.wfile.write(body[start : start + RangeHandler.cut_after])
@@ -45,7 +49,7 @@ def server():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    RangeHandler.files, RangeHandler.ranges, RangeHandler.cut_after = {}, [], None
+    RangeHandler.files, RangeHandler.ranges, RangeHandler.cut_after, RangeHandler.send_length = {}, [], None, True
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
 
@@ -105,6 +109,27 @@ def test_a_dropped_connection_keeps_the_partial_download_for_the_next_run(server
     assert target.with_name("dev-clean.tar.gz.part").read_bytes() == body[:700]
     assert fetch(f"{server}/dev-clean.tar.gz", target, md5).read_bytes() == body
     assert RangeHandler.ranges == [None, "bytes=700-"]
+
+
+def test_a_cut_transfer_without_a_length_is_kept_and_a_complete_corrupt_one_removed(server, tmp_path):
+    body = make_archive(tmp_path)
+    RangeHandler.files["/dev-clean.tar.gz"] = body
+    RangeHandler.cut_after, RangeHandler.send_length = 700, False
+    target, md5 = tmp_path / "data" / "dev-clean.tar.gz", hashlib.md5(body).hexdigest()
+    part = target.with_name("dev-clean.tar.gz.part")
+    with pytest.raises(RuntimeError, match=r"after 700 bytes does not match.*sent no length.*run again to resume"):
+        fetch(f"{server}/dev-clean.tar.gz", target, md5)
+    assert part.read_bytes() == body[:700]
+    assert fetch(f"{server}/dev-clean.tar.gz", target, md5).read_bytes() == body
+
+    RangeHandler.files["/other.tar.gz"] = b"not the published archive"
+    target = tmp_path / "data" / "other.tar.gz"
+    with pytest.raises(RuntimeError, match="sent no length"):
+        fetch(f"{server}/other.tar.gz", target, "0" * 32)
+    with pytest.raises(RuntimeError, match="does not match the published 0+; removed"):  # the server answers 416
+        fetch(f"{server}/other.tar.gz", target, "0" * 32)
+    assert not target.with_name("other.tar.gz.part").exists()
+    assert RangeHandler.ranges == [None, "bytes=700-", None, "bytes=25-"]
 
 
 def test_an_interrupted_extraction_leaves_no_split_behind(server, tmp_path, monkeypatch):

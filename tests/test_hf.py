@@ -1,5 +1,6 @@
 """LibriSpeech from a Hugging Face dataset folder laid out as openslr/librispeech_asr (config ``all``, Parquet)."""
 
+import dataclasses
 import io
 import pickle
 
@@ -169,3 +170,11 @@ def test_a_rewritten_split_is_scanned_again(hf_folder, tmp_path):
     hf.open_split.cache_clear()  # a new process
     assert [u.transcript for u in load_manifest(location, manifest_path, verify=True).utterances] == [
         "GOODBYE WORLD"]
+
+
+def test_a_manifest_row_that_holds_another_utterance_is_an_error(hf_folder, tokenizer):
+    folder, _ = hf_folder
+    utterances, _ = hf.scan(hf.location(str(folder), "dev-clean"))
+    stale = dataclasses.replace(utterances[1], index=utterances[2].index)  # as a hand-edited or stale manifest
+    with pytest.raises(DataError, match=r"validation\.clean:84-121-0001: row 2 of the split is '84-121-0002'"):
+        SpeechDataset([stale], Checks(tokenizer)).__getitems__([0])

@@ -53,11 +53,15 @@ def fetch(url: str, target: Path, expected_md5: str) -> Path:
         response = None
     except urllib.error.URLError as err:
         raise RuntimeError(f"cannot download {url}: {err.reason}") from err
+    # Whether the part file is known to hold the whole archive; a wrong MD5 then means a corrupt download.
+    complete = response is None
     if response is not None:
         with response:
             if offset and response.status != 206:  # the server ignored the range: start over
                 offset = 0
-            total = offset + int(response.headers.get("Content-Length", 0))
+            length = response.headers.get("Content-Length")
+            complete = length is not None
+            total = offset + int(length or 0)
             try:
                 with partial.open("ab" if offset else "wb") as out, Progress() as progress:
                     task = progress.add_task(target.name, total=total or None, completed=offset)
@@ -72,6 +76,12 @@ def fetch(url: str, target: Path, expected_md5: str) -> Path:
             raise RuntimeError(f"{url}: the connection ended after {size} of {total} bytes; {partial} is kept, "
                                "run again to resume")
     actual = md5sum(partial)
+    if actual != expected_md5 and not complete:
+        # Without a Content-Length an early close looks like the end of the data. The next run asks for the
+        # rest: a server with nothing more answers 416, and the part file is then known to be complete.
+        raise RuntimeError(f"{url}: MD5 {actual} after {partial.stat().st_size} bytes does not match the published "
+                           f"{expected_md5}, and the server sent no length, so the transfer may have been cut "
+                           f"short; {partial} is kept, run again to resume")
     if actual != expected_md5:
         partial.unlink()
         raise RuntimeError(

@@ -70,8 +70,13 @@ def _no_audio(audio: dict, where: str) -> Problem:
 
 
 def audio(split, utt: Utterance) -> io.BytesIO | str:
-    """The audio of ``utt`` in ``split`` (:func:`open_split`), to decode."""
-    value = split[utt.index]["audio"]
+    """The audio of ``utt`` in ``split`` (:func:`open_split`), to decode. The row must still hold ``utt``: a
+    manifest that no longer matches its split would otherwise pair audio with another utterance's transcript."""
+    row = split[utt.index]
+    if row["id"] != utt.id:
+        raise DataError(f"{utt.where}: row {utt.index} of the split is {row['id']!r}, not this utterance; the "
+                        "manifest does not match the dataset, delete it to scan the split again")
+    value = row["audio"]
     source = _source(value)
     if source is None:
         raise DataError.of(_no_audio(value, utt.where))
