@@ -5,6 +5,7 @@ import functools
 import gzip
 import http.server
 import io
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -22,18 +23,45 @@ from asr.data.manifest import load_manifest
 from tests.test_librispeech import CHECK_PROBLEMS, SOURCE_PROBLEMS, USABLE, key, make_archive, write_corpus
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
+class FolderHandler(http.server.SimpleHTTPRequestHandler):
+    """A folder's files (GET and HEAD); a single byte range ("bytes=N-" or "bytes=N-M") when ``ranges``, as OpenSLR's
+    server does. ``starts`` lists where the ranges asked for start."""
+
+    ranges = True
+    starts: list[int] = []
+
+    def send_head(self):
+        path = Path(self.translate_path(self.path))
+        requested = self.headers.get("Range")
+        if not (self.ranges and requested and path.is_file()):
+            return super().send_head()
+        first, _, last = requested.removeprefix("bytes=").partition("-")
+        size = path.stat().st_size
+        start, end = int(first), min(int(last) if last else size - 1, size - 1)
+        self.starts.append(start)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(end + 1 - start))
+        self.end_headers()
+        return io.BytesIO(path.read_bytes()[start : end + 1])
+
     def log_message(self, *args):
         pass
 
 
+class QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a reader that stopped early closes its connection
+            super().handle_error(request, client_address)
+
+
 @pytest.fixture
-def serve(tmp_path):
-    """Serve a folder on 127.0.0.1 (GET and HEAD); yields the base URL."""
+def serve(tmp_path, monkeypatch):
+    """Serve a folder on 127.0.0.1; yields it and its URL."""
     folder = tmp_path / "www"
     folder.mkdir()
-    handler = functools.partial(QuietHandler, directory=folder)
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    monkeypatch.setattr(FolderHandler, "starts", [])
+    httpd = QuietServer(("127.0.0.1", 0), functools.partial(FolderHandler, directory=folder))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield folder, f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
@@ -147,6 +175,34 @@ def test_a_region_is_read_without_inflating_the_archive_before_it(tmp_path, monk
     assert {utt.id: data for utt, data in read_members(archive, manifest.index_file, region)} == expected
     with pytest.raises(DataError, match=r"train-clean-100\.tar\.gz: damaged"):
         list(read_archive(archive, 2, 3))
+
+
+def test_an_archive_over_http_is_read_in_parts_by_byte_ranges(tmp_path, serve):
+    """Scanned over HTTP, the archive gets a gzip index; a shard's region is then fetched from the seek point
+    before it, not from the start, and an archive that changes while it is read is an error."""
+    www, url = serve
+    archive, _ = big_archive(tmp_path, chapters=6, per_chapter=20)
+    (www / "train-clean-100.tar.gz").write_bytes(Path(archive).read_bytes())
+    location = f"{url}/train-clean-100.tar.gz"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(archive_module, "INDEX_SPACING", 64 << 10)
+        manifest = load_manifest(location, tmp_path / "manifests" / "train-clean-100.json")
+    assert manifest.index_file is not None
+    streamed = {utt.id: data for utt, data in (r for r in read_archive(archive) if not isinstance(r, Problem))}
+    region = cut_regions(manifest.utterances, 3)[2]
+    with indexed_gzip.IndexedGzipFile(archive, index_file=manifest.index_file) as f:
+        start = max(compressed for uncompressed, compressed in f.seek_points() if uncompressed <= region[0].offset)
+    assert start > 100_000
+    FolderHandler.starts.clear()
+    assert {utt.id: data for utt, data in read_members(location, manifest.index_file, region)} == {
+        utt.id: streamed[utt.id] for utt in region}
+    assert FolderHandler.starts == [0, start]  # the size, then the region from its seek point on
+
+    wrapped = read_members(location, manifest.index_file, region[5:] + region[:5])  # as a region read from a start
+    next(wrapped)
+    (www / "train-clean-100.tar.gz").write_bytes(Path(archive).read_bytes() + bytes(1024))
+    with pytest.raises(DataError, match=r"train-clean-100\.tar\.gz: reading failed \(.*size changed from \d+ to "):
+        list(wrapped)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "zeroed", "header"])
@@ -275,6 +331,6 @@ def test_a_network_error_while_streaming_names_the_url(tmp_path, monkeypatch):
                 raise TimeoutError("timed out")
             return super().read(size)
 
-    monkeypatch.setattr(archive_module, "open_location", lambda location: (TimesOut(data), len(data)))
+    monkeypatch.setattr(archive_module, "open_location", lambda location, seekable: (TimesOut(data), len(data)))
     with pytest.raises(DataError, match=r"http://host/dev-clean\.tar\.gz: reading failed \(timed out\)"):
         list(read_archive("http://host/dev-clean.tar.gz"))

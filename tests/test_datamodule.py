@@ -10,8 +10,8 @@ from asr.data.datamodule import SpeechDataModule
 from asr.data.librispeech import DataError
 from asr.model import SpeechRecognizer
 from tests.conftest import TINY_HUBERT, write_flac
-from tests.test_archive import big_archive, serve  # noqa: F401 (a fixture)
-from tests.test_librispeech import CHECK_PROBLEMS, USABLE, make_archive, write_corpus
+from tests.test_archive import FolderHandler, big_archive, serve  # noqa: F401 (a fixture)
+from tests.test_librispeech import CHECK_PROBLEMS, SOURCE_PROBLEMS, USABLE, make_archive, write_corpus
 
 
 def make_datamodule(root, tokenizer, **kwargs):
@@ -55,9 +55,10 @@ def test_out_of_vocabulary_and_duration_filters_are_counted(tmp_path, tokenizer)
         write_flac(chapter / f"1-2-{k}.flac", seconds)
     (chapter / "1-2.trans.txt").write_text("1-2-0 HELLO\n1-2-1 CAFÉ NOIR\n1-2-2 TOO SHORT\n1-2-3 FINE\n")
     dm = make_datamodule(tmp_path, tokenizer, min_duration=0.5)
-    utterances, skipped = dm.load_split("train", for_training=True)
+    utterances, problems = dm.load_split("train", for_training=True)
     assert [u.id for u in utterances] == ["1-2-0", "1-2-3"]
-    assert skipped == {"characters outside the vocabulary": 1, "shorter than data.min_duration": 1}
+    assert Counter(p.reason for p in problems) == {"characters outside the vocabulary": 1,
+                                                   "shorter than data.min_duration": 1}
     strict = make_datamodule(tmp_path, tokenizer, on_error="raise")
     with pytest.raises(DataError, match=r"1-2-1\.flac: characters outside the vocabulary \(É\)"):
         strict.load_split("train", for_training=True)
@@ -83,23 +84,24 @@ def source_root(tmp_path, source):
     return tmp_path / "archives"
 
 
-@pytest.mark.parametrize("source", ["folder", "archive", "url"])
-def test_every_bad_input_is_counted_by_reason(tmp_path, tokenizer, source, serve):  # noqa: F811
+@pytest.mark.parametrize("source", ["folder", "archive", "url", "url without ranges"])
+def test_every_bad_input_is_counted_by_reason(tmp_path, tokenizer, source, serve, monkeypatch):  # noqa: F811
     www, url = serve
+    monkeypatch.setattr(FolderHandler, "ranges", source != "url without ranges")
     root = source_root(tmp_path, "folder" if source == "folder" else "archive")
     options = {}
-    if source == "url":
+    if source.startswith("url"):
         (root / "dev-clean.tar.gz").rename(www / "dev-clean.tar.gz")
         options = {"archive_url": url, "manifest_dir": str(tmp_path / "manifests")}
     dm = ready(corpus_datamodule(root, tokenizer, val_splits=[], test_splits=[], **options))
     assert dm.is_stream(["dev-clean"]) == (source != "folder")
-    assert bool(dm._index_files) == (source == "archive")
+    assert bool(dm._index_files) == (source in ("archive", "url"))  # read by region
     batches = drain(dm, dm.train_dataloader())
     trained = sorted(i for b in batches for i in b["ids"])
     assert trained == sorted(set(USABLE) - {"174-50561-0002", "174-50561-0006"})
     dm.teardown("fit")
-    # The problems in the manifest (of a folder, a local archive read by region, or an archive streamed whole over
-    # HTTP) are counted at setup, and the truncated file when decoded.
+    # The problems in the manifest (of a folder, or of an archive read by region or streamed whole) are counted at
+    # setup, and the truncated file when decoded.
     once = ("empty transcript", "transcript without audio", "unreadable audio", "wrong sample rate",
             "shorter than the receptive field", "characters outside the vocabulary",
             "label longer than the output frames", "undecodable audio")
@@ -123,6 +125,20 @@ def test_evaluation_uses_every_usable_utterance_once(tmp_path, tokenizer, source
         assert skipped == {"audio without transcript": 2, "undecodable audio": 1} | {reason: 1 for reason in (
             "empty transcript", "transcript without audio", "unreadable audio", "wrong sample rate",
             "shorter than the receptive field", "characters outside the vocabulary")}
+
+
+@pytest.mark.parametrize("source", ["folder", "archive"])
+def test_each_unusable_utterance_is_counted_once_however_often_it_is_read(tmp_path, tokenizer, source):
+    """Two epochs, each with a validation pass, over a split trained and evaluated on: an archive's evaluation
+    stream meets its source problems again in every pass, and both read the truncated file every time."""
+    dm = ready(corpus_datamodule(source_root(tmp_path, source), tokenizer, test_splits=[]))
+    for _ in range(2):
+        drain(dm, dm.train_dataloader())
+        drain(dm, dm.val_dataloader()[0])
+    dm.teardown("fit")
+    reasons = Counter([*SOURCE_PROBLEMS.values(), *CHECK_PROBLEMS.values(), "label longer than the output frames",
+                       "undecodable audio"])
+    assert dm.skipped == {f"dev-clean/{reason}": n for reason, n in reasons.items()}
 
 
 def truncated_corpus(root, good=0, bad=2):

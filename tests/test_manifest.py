@@ -7,7 +7,7 @@ import pytest
 
 import asr.data.manifest as manifest_module
 from asr.data.manifest import load_manifest, scan
-from tests.test_archive import serve  # noqa: F401 (a fixture)
+from tests.test_archive import FolderHandler, serve  # noqa: F401 (a fixture)
 from tests.test_librispeech import CHECK_PROBLEMS, SOURCE_PROBLEMS, USABLE, key, make_archive, write_corpus
 
 
@@ -68,14 +68,18 @@ def test_archive_manifest_keeps_stream_order_and_members(tmp_path, scans):
     assert len(scans) == 4
 
 
-def test_url_manifest_is_checked_with_head(tmp_path, serve, scans):  # noqa: F811
+@pytest.mark.parametrize("ranges", [True, False])
+def test_url_manifest_is_checked_with_head(tmp_path, serve, scans, ranges, monkeypatch, caplog):  # noqa: F811
     www, url = serve
+    monkeypatch.setattr(FolderHandler, "ranges", ranges)
     write_corpus(tmp_path)
     make_archive(tmp_path, "dev-clean", www / "dev-clean.tar.gz")
     path = tmp_path / "m.json"
     manifest = load_manifest(f"{url}/dev-clean.tar.gz", path)
     assert {u.id: u.transcript for u in manifest.utterances if u.id in USABLE} == USABLE
-    assert manifest.index_file is None  # no random access over HTTP
+    # Random access over HTTP needs byte ranges; without them training shards each read the whole archive.
+    assert (manifest.index_file is not None) == ranges == (path.with_suffix(".gzidx").is_file())
+    assert ("does not serve byte ranges" in caplog.text) != ranges
     load_manifest(f"{url}/dev-clean.tar.gz", path)
     assert len(scans) == 1
     (www / "dev-clean.tar.gz").write_bytes((www / "dev-clean.tar.gz").read_bytes() + b"\0" * 1024)

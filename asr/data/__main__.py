@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -27,7 +28,8 @@ def inspect(cfg: DictConfig) -> None:
     datamodule = instantiate(cfg.data, tokenizer=CharTokenizer(), _convert_="all")
     datamodule.prepare_data()
     for split in dict.fromkeys([*datamodule.train_splits, *datamodule.val_splits, *datamodule.test_splits]):
-        utterances, skipped = datamodule.load_split(split, for_training=split in datamodule.train_splits)
+        utterances, problems = datamodule.load_split(split, for_training=split in datamodule.train_splits)
+        skipped = Counter(p.reason for p in problems)
         durations = [u.duration for u in utterances] or [0.0]
         characters = "".join(sorted({c for u in utterances for c in normalize(u.transcript)}))
         print(

@@ -1,8 +1,10 @@
 """OpenSLR ``.tar.gz`` archives read in one pass, from a file or an http(s) URL, without extracting them; and
-local archives read in parts, through a gzip index made by the manifest scan."""
+archives read in parts, through a gzip index made by the manifest scan: local files, and URLs whose server serves
+byte ranges."""
 
 from __future__ import annotations
 
+import http.client
 import io
 import os
 import tarfile
@@ -25,6 +27,7 @@ from asr.data.librispeech import DataError, Problem, Utterance, parse_transcript
 # Uncompressed bytes between the gzip index's seek points: reading from a point inflates up to this much first.
 # The index keeps a 32 KiB window per point: about 2 MB per GB of archive.
 INDEX_SPACING = 16 << 20
+_READ_BLOCK = 1 << 20  # bytes per read of an archive over HTTP by ranges
 
 
 def is_url(location: str) -> bool:
@@ -49,11 +52,80 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
         Path(partial).unlink(missing_ok=True)
 
 
-def open_location(location: str) -> tuple[BinaryIO, int | None]:
-    """A binary stream of a file or URL, and its size when known."""
+class RangedHttpFile(io.RawIOBase):
+    """A file over http(s) that can seek, read with byte-range requests: sequential reads stream one response, and
+    a read after a seek elsewhere starts another. A gzip index seeks in it as in a local file."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url, self.size, self._position, self._response = url, -1, 0, None
+        with self._get(0, 0) as response:  # the size, and whether ranges are served at all
+            self.size = int(response.headers["Content-Range"].rpartition("/")[2])
+
+    def _get(self, start: int, end: int | None = None) -> http.client.HTTPResponse:
+        request = urllib.request.Request(self.url, headers={"Range": f"bytes={start}-{'' if end is None else end}"})
+        response = urllib.request.urlopen(request, timeout=60)
+        size = response.headers.get("Content-Range", "").rpartition("/")[2]
+        if response.status != 206 or not size.isdigit():
+            response.close()
+            raise OSError(f"{self.url}: the server does not serve byte ranges")
+        if self.size >= 0 and int(size) != self.size:
+            response.close()
+            raise OSError(f"{self.url}: its size changed from {self.size} to {size} bytes while it was read")
+        return response
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        position = (offset, self._position + offset, self.size + offset)[whence]
+        if position != self._position and self._response is not None:
+            self._response.close()
+            self._response = None
+        self._position = position
+        return position
+
+    def readinto(self, buffer: memoryview) -> int:
+        if self._position >= self.size:
+            return 0
+        if self._response is None:
+            self._response = self._get(self._position)
+        n = self._response.readinto(buffer)
+        if n == 0:
+            raise OSError(f"{self.url}: the connection ended at byte {self._position} of {self.size}")
+        self._position += n
+        return n
+
+    def close(self) -> None:
+        if self._response is not None:
+            self._response.close()
+            self._response = None
+        super().close()
+
+
+def serves_ranges(url: str) -> bool:
+    try:
+        RangedHttpFile(url).close()
+    except (OSError, http.client.HTTPException):
+        return False
+    return True
+
+
+def open_location(location: str, seekable: bool = False) -> tuple[BinaryIO, int | None]:
+    """A binary stream of a file or URL, and its size when known; a URL that must be ``seekable`` is read by
+    byte ranges (buffered, so that small reads do not each take a network round)."""
     if not is_url(location):
         stream = open(Path(location).expanduser(), "rb")  # the caller closes it
         return stream, os.fstat(stream.fileno()).st_size
+    if seekable:
+        ranged = RangedHttpFile(location)
+        return io.BufferedReader(ranged, _READ_BLOCK), ranged.size
     try:
         response = urllib.request.urlopen(location, timeout=60)
     except urllib.error.URLError as err:
@@ -120,7 +192,8 @@ def read_archive(location: str, shard: int = 0, shards: int = 1, progress: Progr
     Audio member ``k`` (counting the archive's ``.flac`` members from 0) belongs to shard ``k % shards``; the
     other shards' audio is passed over unread. Audio that comes before its chapter's ``*.trans.txt`` waits in
     memory until the transcript arrives; what still waits at the end has no transcript. Transcript lines
-    without audio are reported by shard 0 only. With ``index_to`` (a local archive), a gzip index of the archive
+    without audio are reported by shard 0 only. With ``index_to`` (a local archive, or a URL served by byte
+    ranges: :func:`serves_ranges`), a gzip index of the archive
     is written there at the end, for :func:`read_members`.
     """
     transcripts: dict[str, dict[str, str]] = {}  # chapter folder -> utterance id -> transcript
@@ -128,7 +201,7 @@ def read_archive(location: str, shard: int = 0, shards: int = 1, progress: Progr
     audio_ids: dict[str, set[str]] = {}
     waiting: dict[str, list[tuple[tarfile.TarInfo, int, bytes]]] = {}  # chapter folder -> (member, index, bytes)
     index = -1
-    stream, size = open_location(location)
+    stream, size = open_location(location, seekable=index_to is not None)
     with ExitStack() as stack:
         stack.enter_context(stream)
         if progress is not None:
@@ -176,13 +249,13 @@ def read_archive(location: str, shard: int = 0, shards: int = 1, progress: Progr
     if shard == 0:
         for chapter, lines in transcripts.items():
             for utt_id in sorted(lines.keys() - audio_ids.get(chapter, set())):
-                where = f"{location}:{trans_names[chapter]}"
+                where = f"{location}:{trans_names[chapter]}:{utt_id}"
                 yield Problem("transcript without audio", where, f"{utt_id}.flac is missing")
 
 
 @dataclass(frozen=True)
 class IndexedRegions:
-    """A local archive read through its gzip index: the stream shards' utterances, each a contiguous region."""
+    """An archive read through its gzip index: the stream shards' utterances, each a contiguous region."""
 
     index_file: str
     shards: dict[int, list[Utterance]]
@@ -208,13 +281,16 @@ def read_members(location: str, index_file: str,
         return
     changed = "the archive changed since its manifest was written; delete the manifest to scan it again"
     try:
-        with IndexedGzipFile(str(Path(location).expanduser()), index_file=index_file) as f:
+        stream, _ = open_location(location, seekable=True)
+        with stream, IndexedGzipFile(fileobj=stream, index_file=index_file) as f:
             for utt in utterances:
                 f.seek(utt.offset)
                 data = f.read(utt.size)
                 if len(data) < utt.size or not data.startswith((b"fLaC", b"ID3")):
                     raise DataError(f"{utt.where}: no FLAC file at its recorded place; {changed}")
                 yield utt, data
-    except OSError as err:  # indexed_gzip's errors
+    except (OSError, http.client.HTTPException) as err:  # indexed_gzip's, the disk's or the network's
+        if err.__cause__ is not None:  # what reading the file raised, under indexed_gzip's error
+            raise DataError(f"{location}: reading failed ({err.__cause__})") from err
         raise DataError(f"{location}: cannot read it through its gzip index {index_file} ({err}); "
                         f"if {changed}") from err

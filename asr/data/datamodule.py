@@ -4,7 +4,7 @@ duration-bucketed batches out, as many on every rank, resumable mid-epoch."""
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from asr.data.archive import IndexedRegions, is_archive
 from asr.data.batching import DurationBatchSampler
 from asr.data.dataset import Checks, SpeechDataset, StreamDataset, model_inputs, stream_shard_count, stream_shards
 from asr.data.demo import DemoCorpusConfig, build_demo_corpus
-from asr.data.librispeech import DataError, Utterance, apply_policy, locate, parts
+from asr.data.librispeech import DataError, Problem, Utterance, apply_policy, locate, parts
 from asr.data.manifest import Manifest, load_manifest
 from asr.data.text import CharTokenizer
 
@@ -95,8 +95,9 @@ class SpeechDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.batches_per_epoch = batches_per_epoch
         self.demo_corpus = DemoCorpusConfig(**demo_corpus) if demo_corpus is not None else None
-        # "<split>/<reason>" -> skips: at setup, and while decoding (each epoch)
-        self.skipped: Counter = Counter()
+        # "<split>/<reason>" -> where the unusable utterances are: found at setup, or while decoding in any
+        # epoch or pass; each counted once
+        self._skips: dict[str, set[str]] = defaultdict(set)
         self._utterances: dict[str, list[Utterance]] = {}  # split -> usable for evaluation (folders)
         self._train_utterances: dict[str, list[Utterance]] = {}  # split -> usable for training
         self._index_files: dict[str, str] = {}  # training archives read by region -> their gzip index
@@ -124,26 +125,32 @@ class SpeechDataModule(L.LightningDataModule):
                 for part, location in zip(parts(split), self.locations(split), strict=True)]
 
     def load_split(self, split: str, for_training: bool,
-                   manifests: list[Manifest] | None = None) -> tuple[list[Utterance], Counter]:
-        """The usable utterances of a split, from its manifests, and the unusable ones counted by reason;
-        under ``on_error="raise"`` the first unusable one raises a :class:`DataError` instead."""
-        utterances, skipped = [], Counter()
+                   manifests: list[Manifest] | None = None) -> tuple[list[Utterance], list[Problem]]:
+        """The usable utterances of a split, from its manifests, and the problems of the others; under
+        ``on_error="raise"`` the first problem raises a :class:`DataError` instead."""
+        utterances, problems = [], []
         for manifest in manifests or self.manifest(split):
-            skipped.update(apply_policy(manifest.problems, self.on_error))
+            problems += apply_policy(manifest.problems, self.on_error)
             usable, unusable = self._usable(manifest.utterances, for_training)
             utterances += usable
-            skipped.update(unusable)
-        return utterances, skipped
+            problems += unusable
+        return utterances, problems
 
-    def _usable(self, utterances: list[Utterance], for_training: bool) -> tuple[list[Utterance], Counter]:
-        usable, skipped = [], Counter()
+    def _usable(self, utterances: list[Utterance], for_training: bool) -> tuple[list[Utterance], list[Problem]]:
+        usable, problems = [], []
         for utt in utterances:
             problem = self.checks.problem(utt, for_training)
             if problem is None:
                 usable.append(utt)
             else:
-                skipped.update(apply_policy([problem], self.on_error))
-        return usable, skipped
+                problems += apply_policy([problem], self.on_error)
+        return usable, problems
+
+    @property
+    def skipped(self) -> Counter:
+        """Unusable utterances by ``"<split>/<reason>"``: counted at setup or when decoding, each one once however
+        many epochs and validation passes read it."""
+        return Counter({key: len(where) for key, where in self._skips.items()})
 
     def _all_splits(self) -> list[str]:
         return list(dict.fromkeys([*self.train_splits, *self.val_splits, *self.test_splits]))
@@ -189,14 +196,16 @@ class SpeechDataModule(L.LightningDataModule):
             log.warning("%s: %d utterances longer than data.eval_max_batch_seconds=%s are batched alone (longest "
                         "%.1f s)", split, len(longer), budget, max(u.duration for u in longer))
 
-    def _keep(self, split: str, training: bool, utterances: list[Utterance], skipped: Counter) -> None:
+    def _keep(self, split: str, training: bool, utterances: list[Utterance], problems: list[Problem]) -> None:
         role = "training" if training else "evaluation"
+        skipped = Counter(p.reason for p in problems)
         if not utterances:
             raise DataError(f"{split}: no utterances usable for {role} in {self.locations(split)}, "
                             f"{dict(skipped)}")
         if skipped:
             log.warning("%s: %d utterances for %s, skipped %s", split, len(utterances), role, dict(skipped))
-        self.skipped.update({f"{split}/{reason}": n for reason, n in skipped.items()})
+        for problem in problems:
+            self._skips[f"{split}/{problem.reason}"].add(problem.where)
         (self._train_utterances if training else self._utterances)[split] = utterances
 
     def _rank_and_world(self) -> tuple[int, int]:
@@ -231,7 +240,7 @@ class SpeechDataModule(L.LightningDataModule):
         return dict(num_workers=self.num_workers, pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor)
 
     def _train_stream(self, rank: int, world: int) -> StreamDataset:
-        """With a manifest, each shard's utterances are known: local archives are read by region (this rank's
+        """With a manifest, each shard's utterances are known: indexed archives are read by region (this rank's
         shards' regions go to the dataset), and the batches per epoch are counted from the leanest shard."""
         workers = max(1, self.num_workers)
         shards: list[list[Utterance]] = []
@@ -306,18 +315,18 @@ class SpeechDataModule(L.LightningDataModule):
                 split = (self.test_splits if stage == "test" else self.val_splits)[dataloader_idx]
             for reason, where in batch["skipped"]:
                 self._epoch_skips[f"{split}/{reason}"] += 1
+                self._skips[f"{split}/{reason}"].add(where)
                 self._skip_examples.setdefault(reason, where)
         return batch
 
     def _log_skips(self) -> None:
-        """Log and keep the decoding skips of the stage and epoch that just ended."""
+        """Log the decoding skips of the stage and epoch that just ended."""
         if not self._epoch_skips:
             return
         stage, epoch = self._skip_key
         examples = "; ".join(f"{reason}: {where}" for reason, where in self._skip_examples.items())
         log.warning("%s, epoch %d: skipped %d utterances while decoding: %s (e.g. %s)", stage, epoch,
                     sum(self._epoch_skips.values()), dict(self._epoch_skips), examples)
-        self.skipped.update(self._epoch_skips)
         self._epoch_skips.clear()
         self._skip_examples.clear()
 

@@ -248,11 +248,11 @@ class StreamDataset(IterableDataset):
     """Padded batches read in one pass from LibriSpeech archives (files or URLs), sharded by rank and worker.
 
     Each (rank, worker) is a shard, ``shard = rank * workers + worker``, and reads its audio members in stream
-    order (:func:`stream_shards`): of an archive in ``indexed`` (a local file with a gzip index from its manifest
-    scan), its region, read through the index (in training from a start drawn for each epoch and pass, wrapping
-    around: :func:`region_from_a_start`); of any other, member ``k`` if ``k % shards == shard``, so every
-    shard inflates the whole archive and decodes its own members only. Batches are bucketed by duration within a
-    buffer of ``buffer_size`` utterances (see :func:`bucket_stream`).
+    order (:func:`stream_shards`): of an archive in ``indexed`` (with a gzip index from its manifest scan: a local
+    file, or a URL served by byte ranges), its region, read through the index (in training from a start drawn for
+    each epoch and pass, wrapping around: :func:`region_from_a_start`); of any other, member ``k`` if
+    ``k % shards == shard``, so every shard inflates the whole archive and decodes its own members only. Batches
+    are bucketed by duration within a buffer of ``buffer_size`` utterances (see :func:`bucket_stream`).
 
     Training (``batches_per_epoch`` set): each rank yields exactly ``batches_per_epoch`` batches, worker ``w``
     the batches ``w, w + workers, ...`` (the DataLoader takes them in that order). A worker that runs out

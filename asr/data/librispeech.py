@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ class Utterance:
 
 class Problem(NamedTuple):
     reason: str  # what skips are counted under
-    where: str  # the file or archive member
+    where: str  # the file, archive member or row of one utterance (of a transcript line: "<trans.txt>:<id>")
     detail: str
 
     def __str__(self) -> str:
@@ -73,11 +72,11 @@ class DataError(ValueError):
         return cls(str(problem), problem.reason)
 
 
-def apply_policy(problems: list[Problem], on_error: str) -> Counter:
-    """Raise on the first problem (``on_error="raise"``), or count them by reason."""
+def apply_policy(problems: list[Problem], on_error: str) -> list[Problem]:
+    """Raise on the first problem (``on_error="raise"``), else return them, to be skipped and counted."""
     if problems and on_error == "raise":
         raise DataError.of(problems[0])
-    return Counter(p.reason for p in problems)
+    return problems
 
 
 def split_dir(root: str | Path, split: str) -> Path:
@@ -164,7 +163,7 @@ def scan_directory(directory: str | Path, workers: int = 1) -> tuple[list[Uttera
         trans_files = sorted(chapter.glob("*.trans.txt"))
         trans_file = str(trans_files[0]) if trans_files else f"{chapter}/*.trans.txt"
         transcripts = {k: v for f in trans_files for k, v in parse_transcripts(f.read_text()).items()}
-        problems += [Problem("transcript without audio", trans_file, f"{utt_id}.flac is missing")
+        problems += [Problem("transcript without audio", f"{trans_file}:{utt_id}", f"{utt_id}.flac is missing")
                      for utt_id in sorted(transcripts.keys() - audio.keys())]
         for utt_id, path in sorted(audio.items()):
             text = transcript_of(utt_id, path, transcripts, trans_file)

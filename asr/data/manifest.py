@@ -15,12 +15,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from asr.data import hf
-from asr.data.archive import is_archive, is_url, read_archive, replaced_atomically
+from asr.data.archive import is_archive, is_url, read_archive, replaced_atomically, serves_ranges
 from asr.data.librispeech import Problem, Utterance, progress_bar, scan_directory
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # 2: archive members' offsets and sizes, and the gzip index of a local archive
+# 2: archive members' offsets and sizes, and the gzip index of a local archive; 3: of an archive over HTTP too
+VERSION = 3
 UNKNOWN = "unknown"  # the fingerprint of a URL whose server does not answer HEAD
 
 
@@ -30,7 +31,7 @@ class Manifest:
     fingerprint: str
     utterances: list[Utterance]  # a folder's sorted by id; an archive's in stream order
     problems: list[Problem]
-    index_file: str | None = None  # a local archive's gzip index (asr.data.archive.read_members)
+    index_file: str | None = None  # an archive's gzip index, to read it in parts (asr.data.archive.read_members)
 
 
 def fingerprint(location: str) -> str:
@@ -64,12 +65,16 @@ def fingerprint(location: str) -> str:
 
 def scan(location: str, workers: int = 1, index_to: Path | None = None) -> Manifest:
     """Read every transcript and audio header of a folder (in parallel), an archive (in one pass) or a Hugging
-    Face split. A local archive's gzip index is written to ``index_to`` on the way."""
+    Face split. The gzip index of an archive that can be read in parts (a local file, or a URL whose server serves
+    byte ranges) is written to ``index_to`` on the way."""
     if hf.is_hf(location):
         return Manifest(location, "", *hf.scan(location))
     if not is_archive(location):
         return Manifest(location, "", *scan_directory(location, workers))
-    index_to = None if is_url(location) else index_to
+    if is_url(location) and not serves_ranges(location):
+        log.warning("%s: the server does not serve byte ranges, so every training stream shard will read the whole "
+                    "archive; download it first (python -m asr.data download) to read it in parts", location)
+        index_to = None
     utterances, problems = [], []
     with progress_bar() as progress:
         for record in read_archive(location, progress=progress, index_to=index_to):
@@ -81,7 +86,7 @@ def scan(location: str, workers: int = 1, index_to: Path | None = None) -> Manif
 
 
 def index_file_of(path: Path) -> Path:
-    """Where the gzip index of a local archive's manifest ``path`` is."""
+    """Where the gzip index of an archive's manifest ``path`` is."""
     return path.with_suffix(".gzidx")
 
 
@@ -107,7 +112,7 @@ def _write(manifest: Manifest, path: Path) -> None:
 
 def load_manifest(location: str, path: str | Path, workers: int = 1, verify: bool = True) -> Manifest:
     """The manifest of ``location`` cached at ``path``; scanned and written when missing, or when ``verify``
-    finds that the source changed since. A local archive's gzip index goes next to it (``.gzidx``)."""
+    finds that the source changed since. An archive's gzip index goes next to it (``.gzidx``)."""
     path = Path(path).expanduser()
     cached = _read(path)
     if cached is not None and cached.source == location and not verify:
