@@ -15,7 +15,7 @@ import pytest
 from torch.utils.data import DataLoader
 
 import asr.data.archive as archive_module
-from asr.data.archive import IndexedRegions, cut_regions, read_archive, read_members
+from asr.data.archive import IndexedRegions, RangedHttpFile, cut_regions, read_archive, read_members
 from asr.data.datamodule import _as_is
 from asr.data.dataset import Checks, StreamDataset, region_from_a_start, stream_shard_count, stream_shards
 from asr.data.librispeech import DataError, Problem, scan_directory
@@ -25,10 +25,12 @@ from tests.test_librispeech import CHECK_PROBLEMS, SOURCE_PROBLEMS, USABLE, key,
 
 class FolderHandler(http.server.SimpleHTTPRequestHandler):
     """A folder's files (GET and HEAD); a single byte range ("bytes=N-" or "bytes=N-M") when ``ranges``, as OpenSLR's
-    server does. ``starts`` lists where the ranges asked for start."""
+    server does. ``starts`` lists where the ranges asked for start; ``cuts`` are byte counts after which the next
+    ranged responses stop short, as a dropped connection."""
 
     ranges = True
     starts: list[int] = []
+    cuts: list[int] = []
 
     def send_head(self):
         path = Path(self.translate_path(self.path))
@@ -39,11 +41,13 @@ class FolderHandler(http.server.SimpleHTTPRequestHandler):
         size = path.stat().st_size
         start, end = int(first), min(int(last) if last else size - 1, size - 1)
         self.starts.append(start)
+        body = path.read_bytes()[start : end + 1]
+        sent = body[: self.cuts.pop(0)] if self.cuts else body
         self.send_response(206)
         self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-        self.send_header("Content-Length", str(end + 1 - start))
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        return io.BytesIO(path.read_bytes()[start : end + 1])
+        return io.BytesIO(sent)
 
     def log_message(self, *args):
         pass
@@ -61,6 +65,7 @@ def serve(tmp_path, monkeypatch):
     folder = tmp_path / "www"
     folder.mkdir()
     monkeypatch.setattr(FolderHandler, "starts", [])
+    monkeypatch.setattr(FolderHandler, "cuts", [])
     httpd = QuietServer(("127.0.0.1", 0), functools.partial(FolderHandler, directory=folder))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield folder, f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -203,6 +208,25 @@ def test_an_archive_over_http_is_read_in_parts_by_byte_ranges(tmp_path, serve):
     (www / "train-clean-100.tar.gz").write_bytes(Path(archive).read_bytes() + bytes(1024))
     with pytest.raises(DataError, match=r"train-clean-100\.tar\.gz: reading failed \(.*size changed from \d+ to "):
         list(wrapped)
+
+
+def test_a_dropped_range_is_asked_for_again_from_where_it_stopped(tmp_path, serve, monkeypatch, caplog):
+    www, url = serve
+    monkeypatch.setattr(RangedHttpFile, "BACKOFF", 0.0)
+    data = bytes(range(256)) * 4000
+    (www / "a.tar.gz").write_bytes(data)
+    raw = RangedHttpFile(f"{url}/a.tar.gz")  # asks for byte 0 to learn the size
+    FolderHandler.cuts[:] = [300_000, 10_000]
+    with io.BufferedReader(raw, 1 << 16) as f:
+        f.seek(5_000)
+        assert f.read() == data[5_000:]
+    assert FolderHandler.starts == [0, 5_000, 5_000 + 300_000, 5_000 + 300_000 + 10_000]
+    assert caplog.text.count("the connection ended at byte") == 2
+    raw = RangedHttpFile(f"{url}/a.tar.gz")
+    FolderHandler.cuts[:] = [1, 0, 0, 0]
+    with pytest.raises(OSError, match=r"a\.tar\.gz: the connection ended at byte 1 of 1024000, 3 times"):
+        raw.read(10)
+        raw.read(10)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "zeroed", "header"])

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import http.client
 import io
+import logging
 import os
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -23,6 +25,8 @@ from indexed_gzip import IndexedGzipFile
 from rich.progress import Progress
 
 from asr.data.librispeech import DataError, Problem, Utterance, parse_transcripts, transcript_of
+
+log = logging.getLogger(__name__)
 
 # Uncompressed bytes between the gzip index's seek points: reading from a point inflates up to this much first.
 # The index keeps a 32 KiB window per point: about 2 MB per GB of archive.
@@ -52,9 +56,18 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
         Path(partial).unlink(missing_ok=True)
 
 
+class RangeError(OSError):
+    """The server does not serve byte ranges, or the file changed while it was read: asking again will not help."""
+
+
 class RangedHttpFile(io.RawIOBase):
     """A file over http(s) that can seek, read with byte-range requests: sequential reads stream one response, and
-    a read after a seek elsewhere starts another. A gzip index seeks in it as in a local file."""
+    a read after a seek elsewhere starts another. A gzip index seeks in it as in a local file. A dropped or failed
+    read is asked for again from where it stopped, ``RETRIES`` times, so that hours of training over the network
+    survive a transient fault."""
+
+    RETRIES = 3
+    BACKOFF = 2.0  # seconds before the first retry, doubled for each next one
 
     def __init__(self, url: str) -> None:
         super().__init__()
@@ -68,10 +81,10 @@ class RangedHttpFile(io.RawIOBase):
         size = response.headers.get("Content-Range", "").rpartition("/")[2]
         if response.status != 206 or not size.isdigit():
             response.close()
-            raise OSError(f"{self.url}: the server does not serve byte ranges")
+            raise RangeError(f"{self.url}: the server does not serve byte ranges")
         if self.size >= 0 and int(size) != self.size:
             response.close()
-            raise OSError(f"{self.url}: its size changed from {self.size} to {size} bytes while it was read")
+            raise RangeError(f"{self.url}: its size changed from {self.size} to {size} bytes while it was read")
         return response
 
     def readable(self) -> bool:
@@ -85,27 +98,44 @@ class RangedHttpFile(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         position = (offset, self._position + offset, self.size + offset)[whence]
-        if position != self._position and self._response is not None:
-            self._response.close()
-            self._response = None
+        if position != self._position:
+            self._drop()
         self._position = position
         return position
 
     def readinto(self, buffer: memoryview) -> int:
         if self._position >= self.size:
             return 0
-        if self._response is None:
-            self._response = self._get(self._position)
-        n = self._response.readinto(buffer)
-        if n == 0:
-            raise OSError(f"{self.url}: the connection ended at byte {self._position} of {self.size}")
-        self._position += n
-        return n
+        for attempt in range(self.RETRIES + 1):
+            try:
+                if self._response is None:
+                    self._response = self._get(self._position)
+                n = self._response.readinto(buffer)
+                if n > 0:
+                    self._position += n
+                    return n
+                failure = "the connection ended"
+            except RangeError:
+                raise
+            except urllib.error.HTTPError as err:
+                if err.code < 500:
+                    raise
+                failure = f"HTTP {err.code} {err.reason}"
+            except (OSError, http.client.HTTPException) as err:  # a reset, a timeout, a cut transfer
+                failure = str(err) or type(err).__name__
+            self._drop()
+            if attempt < self.RETRIES:
+                log.warning("%s: %s at byte %d of %d; asking again", self.url, failure, self._position, self.size)
+                time.sleep(self.BACKOFF * 2**attempt)
+        raise OSError(f"{self.url}: {failure} at byte {self._position} of {self.size}, {self.RETRIES} times")
 
-    def close(self) -> None:
+    def _drop(self) -> None:
         if self._response is not None:
             self._response.close()
             self._response = None
+
+    def close(self) -> None:
+        self._drop()
         super().close()
 
 
