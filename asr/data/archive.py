@@ -140,27 +140,27 @@ class RangedHttpFile(io.RawIOBase):
 
 
 def serves_ranges(url: str) -> bool:
-    try:
-        RangedHttpFile(url).close()
-    except (OSError, http.client.HTTPException):
-        return False
-    return True
+    stream, _ = open_location(url)
+    with stream:
+        return stream.seekable()
 
 
-def open_location(location: str, seekable: bool = False) -> tuple[BinaryIO, int | None]:
-    """A binary stream of a file or URL, and its size when known; a URL that must be ``seekable`` is read by
-    byte ranges (buffered, so that small reads do not each take a network round)."""
+def open_location(location: str) -> tuple[BinaryIO, int | None]:
+    """A binary stream of a file or URL, and its size when known. A URL is read by byte ranges where its server
+    serves them (:class:`RangedHttpFile`: it can seek, and a dropped transfer resumes), buffered so that small
+    reads do not each take a network round; else as one response."""
     if not is_url(location):
         stream = open(Path(location).expanduser(), "rb")  # the caller closes it
         return stream, os.fstat(stream.fileno()).st_size
-    if seekable:
-        ranged = RangedHttpFile(location)
-        return io.BufferedReader(ranged, _READ_BLOCK), ranged.size
     try:
-        response = urllib.request.urlopen(location, timeout=60)
+        try:
+            ranged = RangedHttpFile(location)
+            return io.BufferedReader(ranged, _READ_BLOCK), ranged.size
+        except RangeError:
+            response = urllib.request.urlopen(location, timeout=60)
+            return response, response.length
     except urllib.error.URLError as err:
         raise FileNotFoundError(f"cannot open {location}: {getattr(err, 'code', '')} {err.reason}") from err
-    return response, response.length
 
 
 class _Counting:
@@ -231,7 +231,7 @@ def read_archive(location: str, shard: int = 0, shards: int = 1, progress: Progr
     audio_ids: dict[str, set[str]] = {}
     waiting: dict[str, list[tuple[tarfile.TarInfo, int, bytes]]] = {}  # chapter folder -> (member, index, bytes)
     index = -1
-    stream, size = open_location(location, seekable=index_to is not None)
+    stream, size = open_location(location)
     with ExitStack() as stack:
         stack.enter_context(stream)
         if progress is not None:
@@ -311,7 +311,11 @@ def read_members(location: str, index_file: str,
         return
     changed = "the archive changed since its manifest was written; delete the manifest to scan it again"
     try:
-        stream, _ = open_location(location, seekable=True)
+        stream, _ = open_location(location)
+        if not stream.seekable():
+            stream.close()
+            raise DataError(f"{location}: the server no longer serves byte ranges, which reading it through its "
+                            "gzip index needs")
         with stream, IndexedGzipFile(fileobj=stream, index_file=index_file) as f:
             for utt in utterances:
                 f.seek(utt.offset)
