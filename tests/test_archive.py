@@ -8,6 +8,7 @@ import io
 import sys
 import tarfile
 import threading
+import urllib.error
 from pathlib import Path
 
 import indexed_gzip
@@ -15,7 +16,7 @@ import pytest
 from torch.utils.data import DataLoader
 
 import asr.data.archive as archive_module
-from asr.data.archive import IndexedRegions, RangedHttpFile, cut_regions, read_archive, read_members
+from asr.data.archive import IndexedRegions, RangedHttpFile, RangeError, cut_regions, read_archive, read_members
 from asr.data.datamodule import _as_is
 from asr.data.dataset import Checks, StreamDataset, region_from_a_start, stream_shard_count, stream_shards
 from asr.data.librispeech import DataError, Problem, scan_directory
@@ -24,26 +25,38 @@ from tests.test_librispeech import CHECK_PROBLEMS, SOURCE_PROBLEMS, USABLE, key,
 
 
 class FolderHandler(http.server.SimpleHTTPRequestHandler):
-    """A folder's files (GET and HEAD); a single byte range ("bytes=N-" or "bytes=N-M") when ``ranges``, as OpenSLR's
-    server does. ``starts`` lists where the ranges asked for start; ``cuts`` are byte counts after which the next
-    ranged responses stop short, as a dropped connection."""
+    """A folder's files (GET and HEAD); a single byte range ("bytes=N-" or "bytes=N-M") when ``ranges``, with an
+    ETag and ``If-Range``, as OpenSLR's server does. ``starts`` lists where the ranges asked for start. Faults, for
+    the next ranged requests: ``statuses`` to answer with, ``cuts`` (bytes after which a response stops short, as a
+    dropped connection); and a ``misplaced`` server sends every range from byte 0."""
 
     ranges = True
     starts: list[int] = []
     cuts: list[int] = []
+    statuses: list[int] = []
+    misplaced = False
 
     def send_head(self):
         path = Path(self.translate_path(self.path))
         requested = self.headers.get("Range")
         if not (self.ranges and requested and path.is_file()):
             return super().send_head()
+        if self.statuses:
+            self.send_error(self.statuses.pop(0))
+            return None
+        stat = path.stat()
+        etag = f'"{stat.st_size}-{stat.st_mtime_ns}"'
+        if self.headers.get("If-Range", etag) != etag:  # changed since the client's copy: the whole file
+            return super().send_head()
         first, _, last = requested.removeprefix("bytes=").partition("-")
-        size = path.stat().st_size
+        size = stat.st_size
         start, end = int(first), min(int(last) if last else size - 1, size - 1)
         self.starts.append(start)
+        start = 0 if self.misplaced else start
         body = path.read_bytes()[start : end + 1]
         sent = body[: self.cuts.pop(0)] if self.cuts else body
         self.send_response(206)
+        self.send_header("ETag", etag)
         self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -66,6 +79,7 @@ def serve(tmp_path, monkeypatch):
     folder.mkdir()
     monkeypatch.setattr(FolderHandler, "starts", [])
     monkeypatch.setattr(FolderHandler, "cuts", [])
+    monkeypatch.setattr(FolderHandler, "statuses", [])
     httpd = QuietServer(("127.0.0.1", 0), functools.partial(FolderHandler, directory=folder))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield folder, f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -222,8 +236,11 @@ def test_an_archive_over_http_is_read_in_parts_by_byte_ranges(tmp_path, serve):
 
     wrapped = read_members(location, manifest.index_file, region[5:] + region[:5])  # as a region read from a start
     next(wrapped)
-    (www / "train-clean-100.tar.gz").write_bytes(Path(archive).read_bytes() + bytes(1024))
-    with pytest.raises(DataError, match=r"train-clean-100\.tar\.gz: reading failed \(.*size changed from \d+ to "):
+    served = bytearray(Path(archive).read_bytes())  # replaced by a file of the same size: its ETag changes
+    served[1000:2000] = bytes(1000)
+    (www / "train-clean-100.tar.gz").write_bytes(served)
+    with pytest.raises(DataError, match=r"train-clean-100\.tar\.gz: reading failed \(.*the server sent the whole "
+                                        r"file for a range: it changed since it was opened"):
         list(wrapped)
 
 
@@ -241,8 +258,26 @@ def test_a_dropped_range_is_asked_for_again_from_where_it_stopped(tmp_path, serv
     assert caplog.text.count("the connection ended at byte") == 2
     raw = RangedHttpFile(f"{url}/a.tar.gz")
     FolderHandler.cuts[:] = [1, 0, 0, 0]
-    with pytest.raises(OSError, match=r"a\.tar\.gz: the connection ended at byte 1 of 1024000, 3 times"):
+    with pytest.raises(OSError, match=r"a\.tar\.gz: the connection ended at byte 1, after 3 retries"):
         raw.read(10)
+        raw.read(10)
+    # Server errors and throttling are retried, from the size request on; a client error is not.
+    FolderHandler.statuses[:] = [503, 429]
+    assert RangedHttpFile(f"{url}/a.tar.gz").read(3) == data[:3]
+    assert "HTTP 503" in caplog.text and "HTTP 429" in caplog.text
+    FolderHandler.statuses[:] = [403]
+    with pytest.raises(urllib.error.HTTPError, match="403"):
+        RangedHttpFile(f"{url}/a.tar.gz")
+    assert FolderHandler.statuses == []
+
+
+def test_a_range_from_the_wrong_place_is_an_error(serve, monkeypatch):
+    www, url = serve
+    (www / "a.tar.gz").write_bytes(bytes(range(256)) * 40)
+    monkeypatch.setattr(FolderHandler, "misplaced", True)
+    raw = RangedHttpFile(f"{url}/a.tar.gz")  # from byte 0: as asked
+    raw.seek(1000)
+    with pytest.raises(RangeError, match=r"a\.tar\.gz: asked for bytes from 1000, the server sent bytes 0-10239"):
         raw.read(10)
 
 

@@ -151,6 +151,18 @@ def truncated_corpus(root, good=0, bad=2):
     (folder / "5-6.trans.txt").write_text("".join(f"5-6-{k} HELLO\n" for k in range(good + bad)))
 
 
+def test_a_skip_in_training_and_evaluation_counts_once_under_its_own_split(tmp_path, tokenizer):
+    truncated_corpus(tmp_path, good=1, bad=1)  # dev-clean
+    other = tmp_path / "LibriSpeech" / "dev-other" / "7" / "8"
+    write_flac(other / "7-8-0.flac", 1.0)
+    (other / "7-8.trans.txt").write_text("7-8-0 HELLO\n")
+    dm = ready(corpus_datamodule(tmp_path, tokenizer, train_splits=["dev-clean", "dev-other"],
+                                 val_splits=["dev-clean"], test_splits=[]))
+    drain(dm, dm.train_dataloader())
+    drain(dm, dm.val_dataloader()[0])
+    assert dm.skipped == {"dev-clean/undecodable audio": 1}
+
+
 def test_raise_policy_names_the_file_when_decoding(tmp_path, tokenizer):
     truncated_corpus(tmp_path, good=1, bad=1)
     dm = ready(corpus_datamodule(tmp_path, tokenizer, on_error="raise"))

@@ -17,6 +17,7 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
     ranges: list[str | None] = []
     cut_after: int | None = None  # bytes sent before the connection is dropped, once
     send_length = True
+    honour_ranges = True
 
     def do_GET(self):
         body = self.files.get(self.path)
@@ -25,11 +26,11 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
             return
         requested = self.headers.get("Range")
         self.ranges.append(requested)
-        start = int(requested.removeprefix("bytes=").rstrip("-")) if requested else 0
+        start = int(requested.removeprefix("bytes=").rstrip("-")) if requested and self.honour_ranges else 0
         if start >= len(body):
             self.send_error(416)
             return
-        self.send_response(206 if requested else 200)
+        self.send_response(206 if requested and self.honour_ranges else 200)
         if self.send_length:
             self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
@@ -49,7 +50,8 @@ def server():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    RangeHandler.files, RangeHandler.ranges, RangeHandler.cut_after, RangeHandler.send_length = {}, [], None, True
+    RangeHandler.files, RangeHandler.ranges, RangeHandler.cut_after = {}, [], None
+    RangeHandler.send_length, RangeHandler.honour_ranges = True, True
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
 
@@ -130,6 +132,14 @@ def test_a_cut_transfer_without_a_length_is_kept_and_a_complete_corrupt_one_remo
         fetch(f"{server}/other.tar.gz", target, "0" * 32)
     assert not target.with_name("other.tar.gz.part").exists()
     assert RangeHandler.ranges == [None, "bytes=700-", None, "bytes=25-"]
+
+    # A server that also ignores ranges sends the whole file each time: the second answer is all there is.
+    RangeHandler.honour_ranges = False
+    with pytest.raises(RuntimeError, match="sent no length"):
+        fetch(f"{server}/other.tar.gz", target, "0" * 32)
+    with pytest.raises(RuntimeError, match="does not match the published 0+; removed"):
+        fetch(f"{server}/other.tar.gz", target, "0" * 32)
+    assert not target.with_name("other.tar.gz.part").exists()
 
 
 def test_an_interrupted_extraction_leaves_no_split_behind(server, tmp_path, monkeypatch):

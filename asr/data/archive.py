@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import soundfile as sf
 from indexed_gzip import IndexedGzipFile
@@ -27,6 +27,7 @@ from rich.progress import Progress
 from asr.data.librispeech import DataError, Problem, Utterance, parse_transcripts, transcript_of
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Uncompressed bytes between the gzip index's seek points: reading from a point inflates up to this much first.
 # The index keeps a 32 KiB window per point: about 2 MB per GB of archive.
@@ -62,30 +63,70 @@ class RangeError(OSError):
 
 class RangedHttpFile(io.RawIOBase):
     """A file over http(s) that can seek, read with byte-range requests: sequential reads stream one response, and
-    a read after a seek elsewhere starts another. A gzip index seeks in it as in a local file. A dropped or failed
-    read is asked for again from where it stopped, ``RETRIES`` times, so that hours of training over the network
-    survive a transient fault."""
+    a read after a seek elsewhere starts another. A gzip index seeks in it as in a local file. A request that fails
+    (a dropped connection, a timeout, HTTP 5xx, 408 or 429) is made again from where reading stopped, ``RETRIES``
+    times, so that hours of training over the network survive a transient fault. Every range must come from the
+    file first opened: same size, same strong ETag (sent as ``If-Range``), and starting where it was asked to."""
 
     RETRIES = 3
     BACKOFF = 2.0  # seconds before the first retry, doubled for each next one
+    LONGEST_WAIT = 60.0  # the most seconds of a server's Retry-After honoured
 
     def __init__(self, url: str) -> None:
         super().__init__()
         self.url, self.size, self._position, self._response = url, -1, 0, None
-        with self._get(0, 0) as response:  # the size, and whether ranges are served at all
-            self.size = int(response.headers["Content-Range"].rpartition("/")[2])
+        self._etag: str | None = None
+        self._retrying(lambda: self._get(0, 0)).close()  # the size and ETag, and whether ranges are served at all
 
     def _get(self, start: int, end: int | None = None) -> http.client.HTTPResponse:
-        request = urllib.request.Request(self.url, headers={"Range": f"bytes={start}-{'' if end is None else end}"})
-        response = urllib.request.urlopen(request, timeout=60)
-        size = response.headers.get("Content-Range", "").rpartition("/")[2]
+        headers = {"Range": f"bytes={start}-{'' if end is None else end}"}
+        if self._etag is not None:
+            headers["If-Range"] = self._etag
+        try:
+            response = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers), timeout=60)
+        except urllib.error.HTTPError as err:
+            if err.code == 416:  # an empty file, say: read it whole instead
+                raise RangeError(f"{self.url}: the server refused the range from byte {start} (HTTP 416)") from err
+            raise
+        sent, _, size = response.headers.get("Content-Range", "").removeprefix("bytes ").partition("/")
+        problem = None
         if response.status != 206 or not size.isdigit():
+            problem = ("the server sent the whole file for a range: it changed since it was opened, or no longer "
+                       "serves byte ranges" if self._etag else "the server does not serve byte ranges")
+        elif not sent.startswith(f"{start}-"):
+            problem = f"asked for bytes from {start}, the server sent bytes {sent}"
+        elif self.size >= 0 and int(size) != self.size:
+            problem = f"its size changed from {self.size} to {size} bytes while it was read"
+        if problem is not None:
             response.close()
-            raise RangeError(f"{self.url}: the server does not serve byte ranges")
-        if self.size >= 0 and int(size) != self.size:
-            response.close()
-            raise RangeError(f"{self.url}: its size changed from {self.size} to {size} bytes while it was read")
+            raise RangeError(f"{self.url}: {problem}")
+        if self.size < 0:
+            self.size = int(size)
+            etag = response.headers.get("ETag")
+            self._etag = etag if etag and not etag.startswith("W/") else None  # If-Range takes strong ones only
         return response
+
+    def _retrying(self, attempt: Callable[[], T]) -> T:
+        for k in range(self.RETRIES + 1):
+            delay = self.BACKOFF * 2**k
+            try:
+                return attempt()
+            except RangeError:
+                raise
+            except urllib.error.HTTPError as err:
+                if err.code < 500 and err.code not in (408, 429):
+                    raise
+                failure = f"HTTP {err.code} {err.reason}"
+                wait = (err.headers or {}).get("Retry-After", "")
+                if wait.isdigit():
+                    delay = max(delay, min(float(wait), self.LONGEST_WAIT))
+            except (OSError, http.client.HTTPException) as err:  # a reset, a timeout, a cut transfer
+                failure = str(err) or type(err).__name__
+            self._drop()
+            if k < self.RETRIES:
+                log.warning("%s: %s at byte %d; asking again in %.0f s", self.url, failure, self._position, delay)
+                time.sleep(delay)
+        raise OSError(f"{self.url}: {failure} at byte {self._position}, after {self.RETRIES} retries")
 
     def readable(self) -> bool:
         return True
@@ -106,28 +147,17 @@ class RangedHttpFile(io.RawIOBase):
     def readinto(self, buffer: memoryview) -> int:
         if self._position >= self.size:
             return 0
-        for attempt in range(self.RETRIES + 1):
-            try:
-                if self._response is None:
-                    self._response = self._get(self._position)
-                n = self._response.readinto(buffer)
-                if n > 0:
-                    self._position += n
-                    return n
-                failure = "the connection ended"
-            except RangeError:
-                raise
-            except urllib.error.HTTPError as err:
-                if err.code < 500:
-                    raise
-                failure = f"HTTP {err.code} {err.reason}"
-            except (OSError, http.client.HTTPException) as err:  # a reset, a timeout, a cut transfer
-                failure = str(err) or type(err).__name__
-            self._drop()
-            if attempt < self.RETRIES:
-                log.warning("%s: %s at byte %d of %d; asking again", self.url, failure, self._position, self.size)
-                time.sleep(self.BACKOFF * 2**attempt)
-        raise OSError(f"{self.url}: {failure} at byte {self._position} of {self.size}, {self.RETRIES} times")
+        n = self._retrying(lambda: self._read_into(buffer))
+        self._position += n
+        return n
+
+    def _read_into(self, buffer: memoryview) -> int:
+        if self._response is None:
+            self._response = self._get(self._position)
+        n = self._response.readinto(buffer)
+        if n == 0:
+            raise ConnectionError("the connection ended")
+        return n
 
     def _drop(self) -> None:
         if self._response is not None:
@@ -311,12 +341,15 @@ def read_members(location: str, index_file: str,
         return
     changed = "the archive changed since its manifest was written; delete the manifest to scan it again"
     try:
-        stream, _ = open_location(location)
-        if not stream.seekable():
-            stream.close()
-            raise DataError(f"{location}: the server no longer serves byte ranges, which reading it through its "
-                            "gzip index needs")
-        with stream, IndexedGzipFile(fileobj=stream, index_file=index_file) as f:
+        with ExitStack() as stack:
+            if is_url(location):
+                stream = stack.enter_context(open_location(location)[0])
+                if not stream.seekable():
+                    raise DataError(f"{location}: the server no longer serves byte ranges, which reading it through "
+                                    "its gzip index needs")
+                f = stack.enter_context(IndexedGzipFile(fileobj=stream, index_file=index_file))
+            else:  # by name: indexed_gzip then opens and closes its own file handles
+                f = stack.enter_context(IndexedGzipFile(str(Path(location).expanduser()), index_file=index_file))
             for utt in utterances:
                 f.seek(utt.offset)
                 data = f.read(utt.size)
@@ -324,7 +357,10 @@ def read_members(location: str, index_file: str,
                     raise DataError(f"{utt.where}: no FLAC file at its recorded place; {changed}")
                 yield utt, data
     except (OSError, http.client.HTTPException) as err:  # indexed_gzip's, the disk's or the network's
-        if err.__cause__ is not None:  # what reading the file raised, under indexed_gzip's error
-            raise DataError(f"{location}: reading failed ({err.__cause__})") from err
+        cause = err.__cause__  # what reading the file raised, under indexed_gzip's error
+        if cause is not None and not isinstance(cause, Exception):  # KeyboardInterrupt, say
+            raise cause from None
+        if cause is not None:
+            raise DataError(f"{location}: reading failed ({cause})") from err
         raise DataError(f"{location}: cannot read it through its gzip index {index_file} ({err}); "
                         f"if {changed}") from err

@@ -310,14 +310,24 @@ class SpeechDataModule(L.LightningDataModule):
             self._skip_key = (stage, epoch)
         if batch.get("skipped"):
             if stage == "train":
-                split = "+".join(self.train_splits)
+                splits = self.train_splits
             else:
-                split = (self.test_splits if stage == "test" else self.val_splits)[dataloader_idx]
+                splits = [(self.test_splits if stage == "test" else self.val_splits)[dataloader_idx]]
             for reason, where in batch["skipped"]:
+                split = self._split_of(where, splits)
                 self._epoch_skips[f"{split}/{reason}"] += 1
                 self._skips[f"{split}/{reason}"].add(where)
                 self._skip_examples.setdefault(reason, where)
         return batch
+
+    def _split_of(self, where: str, splits: list[str]) -> str:
+        """Which of ``splits`` the utterance at ``where`` (a file under a split's folder, or an archive member or
+        row: ``<location>:...``) is in: so that a training skip and an evaluation one of the same utterance have
+        the same key."""
+        for split in splits:
+            if any(where.startswith((f"{location}/", f"{location}:")) for location in self.locations(split)):
+                return split
+        return "+".join(splits)
 
     def _log_skips(self) -> None:
         """Log the decoding skips of the stage and epoch that just ended."""

@@ -57,10 +57,12 @@ def fetch(url: str, target: Path, expected_md5: str) -> Path:
     complete = response is None
     if response is not None:
         with response:
-            if offset and response.status != 206:  # the server ignored the range: start over
-                offset = 0
+            # A server that ignores the range sends the whole file again: start over. Without a length, what it
+            # sends is then all there is to get, complete or not: asking again would not resume.
+            ignored = offset and response.status != 206
+            offset = 0 if ignored else offset
             length = response.headers.get("Content-Length")
-            complete = length is not None
+            complete = length is not None or bool(ignored)
             total = offset + int(length or 0)
             try:
                 with partial.open("ab" if offset else "wb") as out, Progress() as progress:
