@@ -8,7 +8,6 @@ import io
 import sys
 import tarfile
 import threading
-import urllib.error
 from pathlib import Path
 
 import indexed_gzip
@@ -16,11 +15,12 @@ import pytest
 from torch.utils.data import DataLoader
 
 import asr.data.archive as archive_module
-from asr.data.archive import IndexedRegions, RangedHttpFile, RangeError, cut_regions, read_archive, read_members
+from asr.data.archive import IndexedRegions, cut_regions, read_archive, read_members
 from asr.data.datamodule import _as_is
 from asr.data.dataset import Checks, StreamDataset, region_from_a_start, stream_shard_count, stream_shards
 from asr.data.librispeech import DataError, Problem, scan_directory
 from asr.data.manifest import load_manifest
+from asr.data.remote import RangedHttpFile
 from tests.test_librispeech import CHECK_PROBLEMS, SOURCE_PROBLEMS, USABLE, key, make_archive, write_corpus
 
 
@@ -242,43 +242,6 @@ def test_an_archive_over_http_is_read_in_parts_by_byte_ranges(tmp_path, serve):
     with pytest.raises(DataError, match=r"train-clean-100\.tar\.gz: reading failed \(.*the server sent the whole "
                                         r"file for a range: it changed since it was opened"):
         list(wrapped)
-
-
-def test_a_dropped_range_is_asked_for_again_from_where_it_stopped(tmp_path, serve, monkeypatch, caplog):
-    www, url = serve
-    monkeypatch.setattr(RangedHttpFile, "BACKOFF", 0.0)
-    data = bytes(range(256)) * 4000
-    (www / "a.tar.gz").write_bytes(data)
-    raw = RangedHttpFile(f"{url}/a.tar.gz")  # asks for byte 0 to learn the size
-    FolderHandler.cuts[:] = [300_000, 10_000]
-    with io.BufferedReader(raw, 1 << 16) as f:
-        f.seek(5_000)
-        assert f.read() == data[5_000:]
-    assert FolderHandler.starts == [0, 5_000, 5_000 + 300_000, 5_000 + 300_000 + 10_000]
-    assert caplog.text.count("the connection ended at byte") == 2
-    raw = RangedHttpFile(f"{url}/a.tar.gz")
-    FolderHandler.cuts[:] = [1, 0, 0, 0]
-    with pytest.raises(OSError, match=r"a\.tar\.gz: the connection ended at byte 1, after 3 retries"):
-        raw.read(10)
-        raw.read(10)
-    # Server errors and throttling are retried, from the size request on; a client error is not.
-    FolderHandler.statuses[:] = [503, 429]
-    assert RangedHttpFile(f"{url}/a.tar.gz").read(3) == data[:3]
-    assert "HTTP 503" in caplog.text and "HTTP 429" in caplog.text
-    FolderHandler.statuses[:] = [403]
-    with pytest.raises(urllib.error.HTTPError, match="403"):
-        RangedHttpFile(f"{url}/a.tar.gz")
-    assert FolderHandler.statuses == []
-
-
-def test_a_range_from_the_wrong_place_is_an_error(serve, monkeypatch):
-    www, url = serve
-    (www / "a.tar.gz").write_bytes(bytes(range(256)) * 40)
-    monkeypatch.setattr(FolderHandler, "misplaced", True)
-    raw = RangedHttpFile(f"{url}/a.tar.gz")  # from byte 0: as asked
-    raw.seek(1000)
-    with pytest.raises(RangeError, match=r"a\.tar\.gz: asked for bytes from 1000, the server sent bytes 0-10239"):
-        raw.read(10)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "zeroed", "header"])

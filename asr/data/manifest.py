@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from asr.data import hf
-from asr.data.archive import is_archive, is_url, read_archive, replaced_atomically, serves_ranges
+from asr.data.archive import is_archive, read_archive, replaced_atomically, serves_ranges
 from asr.data.librispeech import Problem, Utterance, progress_bar, scan_directory
+from asr.data.remote import is_url
 
 log = logging.getLogger(__name__)
 
