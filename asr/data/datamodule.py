@@ -98,9 +98,9 @@ class SpeechDataModule(L.LightningDataModule):
         # "<split>/<reason>" -> where the unusable utterances are: found at setup, or while decoding in any
         # epoch or pass; each counted once
         self._skips: dict[str, set[str]] = defaultdict(set)
-        self._utterances: dict[str, list[Utterance]] = {}  # split -> usable for evaluation (folders)
+        self._utterances: dict[str, list[Utterance]] = {}  # split -> usable for evaluation
         self._train_utterances: dict[str, list[Utterance]] = {}  # split -> usable for training
-        self._index_files: dict[str, str] = {}  # training archives read by region -> their gzip index
+        self._index_files: dict[str, str] = {}  # archives read by region -> their gzip index
         self._train_loader: DataLoader | None = None
         self._position = {"epoch": 0, "batches": 0}  # training batches this rank has received in that epoch
         self._epoch_skips: Counter = Counter()
@@ -155,39 +155,42 @@ class SpeechDataModule(L.LightningDataModule):
     def _all_splits(self) -> list[str]:
         return list(dict.fromkeys([*self.train_splits, *self.val_splits, *self.test_splits]))
 
+    def _scanned(self, split: str) -> bool:
+        """Whether a split has a manifest: all do but archives streamed with ``data.batches_per_epoch`` set."""
+        return self.batches_per_epoch is None or not self.is_stream([split])
+
     def prepare_data(self) -> None:
         """Build the demo corpus if configured, and scan the manifests that are missing or out of date (once
-        per node). Streamed splits need one only for training without ``batches_per_epoch``."""
+        per node)."""
         if self.demo_corpus is not None:
             build_demo_corpus(self.root, self.demo_corpus)
         for split in self._all_splits():
-            needs_manifest = not self.is_stream([split]) or (
-                split in self.train_splits and self.batches_per_epoch is None)
-            if needs_manifest:
+            if self._scanned(split):
                 self.manifest(split, verify=True)
 
     def setup(self, stage: str | None = None) -> None:
-        """Folders: for evaluation every utterance the model can encode, and for training those it can use
-        (duration limits, CTC length), so that a split both trained and evaluated on is evaluated whole.
-        Archives: the training splits' utterances, from their manifests (to count batches, and to read by
-        region); evaluation streams need nothing beforehand."""
+        """From each split's manifest: for evaluation every utterance the model can encode, and for training those
+        it can use (duration limits, CTC length), so that a split both trained and evaluated on is evaluated
+        whole; and the gzip indexes of archives, to read them by region. Archives without a manifest are streamed
+        whole, and report their problems as they meet them."""
         wanted = {"fit": self.train_splits + self.val_splits, "validate": self.val_splits,
                   "test": self.test_splits}
         for split in wanted.get(stage, self._all_splits()):
             training, evaluated = split in self.train_splits, split in self.val_splits + self.test_splits
-            if not self.is_stream([split]):
-                if evaluated and split not in self._utterances:
-                    self._keep(split, False, *self.load_split(split, for_training=False))
-                    self._warn_alone(split)
-                if training and split not in self._train_utterances:
-                    if evaluated:  # training's checks on what evaluation keeps: nothing counted twice
-                        self._keep(split, True, *self._usable(self._utterances[split], for_training=True))
-                    else:
-                        self._keep(split, True, *self.load_split(split, for_training=True))
-            elif training and self.batches_per_epoch is None and split not in self._train_utterances:
-                manifests = self.manifest(split)
-                self._keep(split, True, *self.load_split(split, True, manifests))
-                self._index_files.update({m.source: m.index_file for m in manifests if m.index_file is not None})
+            needed = (evaluated and split not in self._utterances) or (
+                training and split not in self._train_utterances)
+            if not (needed and self._scanned(split)):
+                continue
+            manifests = self.manifest(split)
+            self._index_files.update({m.source: m.index_file for m in manifests if m.index_file is not None})
+            if evaluated and split not in self._utterances:
+                self._keep(split, False, *self.load_split(split, False, manifests))
+                self._warn_alone(split)
+            if training and split not in self._train_utterances:
+                if evaluated:  # training's checks on what evaluation keeps: nothing counted twice
+                    self._keep(split, True, *self._usable(self._utterances[split], for_training=True))
+                else:
+                    self._keep(split, True, *self.load_split(split, True, manifests))
 
     def _warn_alone(self, split: str) -> None:
         budget = self.eval_max_batch_seconds
@@ -247,15 +250,18 @@ class SpeechDataModule(L.LightningDataModule):
         if self.batches_per_epoch is None:
             utterances = [u for split in self.train_splits for u in self._train_utterances[split]]
             shards = stream_shards(utterances, world * workers, self._index_files)
-        mine = range(rank * workers, (rank + 1) * workers)
-        regions = {location: IndexedRegions(index_file, {s: [u for u in shards[s] if u.path == location] for s in mine})
-                   for location, index_file in self._index_files.items()}
         return StreamDataset(
             [location for split in self.train_splits for location in self.locations(split)], self.checks,
             self.on_error, self.batch_size, self.max_batch_seconds, self.shuffle_buffer, self.seed, rank, world,
-            self.batches_per_epoch or self._stream_batches(shards, workers), regions,
+            self.batches_per_epoch or self._stream_batches(shards, workers), self._regions(shards, rank, workers),
             counted=self.batches_per_epoch is None,
         )
+
+    def _regions(self, shards: list[list[Utterance]], rank: int, workers: int) -> dict[str, IndexedRegions]:
+        """This rank's stream shards' utterances in each indexed archive (the others' are left out)."""
+        mine = range(rank * workers, (rank + 1) * workers) if shards else range(0)
+        return {location: IndexedRegions(index_file, {s: [u for u in shards[s] if u.path == location] for s in mine})
+                for location, index_file in self._index_files.items()}
 
     def _stream_batches(self, shards: list[list[Utterance]], workers: int) -> int:
         """Batches per rank and epoch of a streamed train split: what its leanest (rank, worker) shard yields,
@@ -274,9 +280,13 @@ class SpeechDataModule(L.LightningDataModule):
         loaders = []
         for split in splits:
             if self.is_stream([split]):
+                scanned = split in self._utterances  # read by region where indexed; problems counted at setup
+                workers = max(1, self.num_workers)
+                shards = stream_shards(self._utterances[split], world * workers, self._index_files) if scanned else []
                 dataset = StreamDataset(self.locations(split), self.checks, self.on_error, batch_size,
                                         self.eval_max_batch_seconds, self.shuffle_buffer, rank=rank,
-                                        world_size=world)
+                                        world_size=world, indexed=self._regions(shards, rank, workers),
+                                        counted=scanned)
                 loaders.append(DataLoader(dataset, batch_size=None, collate_fn=_as_is, **options))
                 continue
             utterances = self._utterances[split]
