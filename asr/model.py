@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Timer
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.text import CharErrorRate, WordErrorRate
 from transformers import AutoConfig, AutoModelForCTC, PreTrainedModel
 
@@ -109,7 +110,7 @@ class SpeechRecognizer(L.LightningModule):
                 f"{stage}_{split}_{name}": metric()
                 for stage, splits in self.splits.items()
                 for split in splits
-                for name, metric in (("wer", WordErrorRate), ("cer", CharErrorRate))
+                for name, metric in (("wer", WordErrorRate), ("cer", CharErrorRate), ("loss", MeanMetric))
             }
         )
 
@@ -245,16 +246,18 @@ class SpeechRecognizer(L.LightningModule):
             return
         logits, lengths = self(batch["input_values"], batch["attention_mask"], batch.get("packing"))
         loss = self.ctc_loss(logits, lengths, batch)
-        self.log(f"{stage}/{split}/loss", loss, batch_size=len(batch["ids"]), add_dataloader_idx=False,
-                 sync_dist=True)
+        self.metrics[f"{stage}_{split}_loss"].update(loss, weight=len(batch["ids"]))
         hypotheses = self.tokenizer.batch_ctc_decode(logits, lengths)
         self.metrics[f"{stage}_{split}_wer"].update(hypotheses, batch["texts"])
         self.metrics[f"{stage}_{split}_cer"].update(hypotheses, batch["texts"])
         if batch_idx == 0:
             log.info("%s/%s example\n  ref: %s\n  hyp: %s", stage, split, batch["texts"][0], hypotheses[0])
 
-    def _log_error_rates(self, stage: str) -> None:
-        for name in ("wer", "cer"):
+    def _log_metrics(self, stage: str) -> None:
+        """WER, CER and loss per split, and the splits' mean error rates. Every rank computes every metric, whose
+        states torchmetrics syncs: a rank that got no batch of a split (fewer utterances than ranks, or all
+        undecodable) joins the same collectives as the others instead of leaving them waiting."""
+        for name in ("wer", "cer", "loss"):
             values = []
             for split in self.splits[stage]:
                 metric = self.metrics[f"{stage}_{split}_{name}"]
@@ -262,7 +265,8 @@ class SpeechRecognizer(L.LightningModule):
                 metric.reset()
                 self.log(f"{stage}/{split}/{name}", value)
                 values.append(value)
-            self.log(f"{stage}/{name}", torch.stack(values).mean(), prog_bar=True)
+            if name != "loss":
+                self.log(f"{stage}/{name}", torch.stack(values).mean(), prog_bar=True)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate("val", batch, batch_idx, dataloader_idx)
@@ -271,10 +275,10 @@ class SpeechRecognizer(L.LightningModule):
         self._evaluate("test", batch, batch_idx, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_error_rates("val")
+        self._log_metrics("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_error_rates("test")
+        self._log_metrics("test")
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])

@@ -141,6 +141,17 @@ def test_a_scanned_archive_is_evaluated_by_region_once_across_ranks_and_workers(
     assert sorted(ranks[0] + ranks[1]) == sorted(transcripts)
 
 
+def test_batches_per_epoch_leaves_only_the_training_archive_unscanned(tmp_path, tokenizer):
+    root = source_root(tmp_path, "archive")  # dev-clean.tar.gz
+    write_corpus(tmp_path, "dev-other")
+    make_archive(tmp_path, "dev-other", root / "dev-other.tar.gz")
+    dm = ready(corpus_datamodule(root, tokenizer, val_splits=["dev-other"], test_splits=[], batches_per_epoch=3))
+    assert sorted(p.name for p in (root / "manifests").glob("*.json")) == ["dev-other.json"]
+    assert len(drain(dm, dm.train_dataloader())) == 3
+    batches = drain(dm, dm.val_dataloader()[0])
+    assert sorted(i for b in batches for i in b["ids"]) == sorted(set(USABLE) - {"174-50561-0002"})
+
+
 @pytest.mark.parametrize("source", ["folder", "archive"])
 def test_each_unusable_utterance_is_counted_once_however_often_it_is_read(tmp_path, tokenizer, source):
     """Two epochs, each with a validation pass, over a split trained and evaluated on: an archive's evaluation

@@ -2,6 +2,7 @@
 on local archives read by region."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,27 @@ from tests.test_train import TINY_MODEL
 REPO = Path(__file__).resolve().parents[1]
 
 
+def one_utterance(demo_root, split, root):
+    """``split`` of the demo corpus cut down to its first utterance, under ``root``."""
+    audio = min((demo_root / "LibriSpeech" / split).glob("*/*/*.flac"))
+    chapter = root / "LibriSpeech" / split / audio.parent.parent.name / audio.parent.name
+    chapter.mkdir(parents=True)
+    shutil.copy(audio, chapter)
+    (transcripts,) = audio.parent.glob("*.trans.txt")
+    line = next(line for line in transcripts.read_text().splitlines() if line.startswith(f"{audio.stem} "))
+    (chapter / transcripts.name).write_text(line + "\n")
+    return root
+
+
 def test_two_ranks_get_equal_disjoint_regions_of_the_archive(demo_root, tmp_path):
+    """Also: a test split of one utterance leaves rank 1 without a batch of it, and the ranks still end the test
+    together."""
     archives = tmp_path / "archives"
     archives.mkdir()
-    for split in ("train", "dev", "test-seen", "test-unseen"):
+    for split in ("train", "dev", "test-seen"):
         make_archive(demo_root, split, archives / f"{split}.tar.gz")
+    make_archive(one_utterance(demo_root, "test-unseen", tmp_path / "one"), "test-unseen",
+                 archives / "test-unseen.tar.gz")
     ids = tmp_path / "ids"
     ids.mkdir()
     result = subprocess.run(
@@ -28,7 +45,7 @@ def test_two_ranks_get_equal_disjoint_regions_of_the_archive(demo_root, tmp_path
         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert '"test/wer"' in result.stdout
+    assert '"test/wer"' in result.stdout and '"test/test-unseen/wer"' in result.stdout
     ranks = [[line.split() for line in (ids / f"rank{r}.txt").read_text().splitlines()] for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) > 0  # equal batch counts: neither rank waits for the other
     trained = [{i for batch in rank for i in batch} for rank in ranks]

@@ -156,8 +156,8 @@ class SpeechDataModule(L.LightningDataModule):
         return list(dict.fromkeys([*self.train_splits, *self.val_splits, *self.test_splits]))
 
     def _scanned(self, split: str) -> bool:
-        """Whether a split has a manifest: all do but archives streamed with ``data.batches_per_epoch`` set."""
-        return self.batches_per_epoch is None or not self.is_stream([split])
+        """Whether a split has a manifest: all do but archives trained on with ``batches_per_epoch`` set."""
+        return self.batches_per_epoch is None or split not in self.train_splits or not self.is_stream([split])
 
     def prepare_data(self) -> None:
         """Build the demo corpus if configured, and scan the manifests that are missing or out of date (once
@@ -282,11 +282,13 @@ class SpeechDataModule(L.LightningDataModule):
             if self.is_stream([split]):
                 scanned = split in self._utterances  # read by region where indexed; problems counted at setup
                 workers = max(1, self.num_workers)
-                shards = stream_shards(self._utterances[split], world * workers, self._index_files) if scanned else []
+                regions = {}
+                if scanned:
+                    shards = stream_shards(self._utterances[split], world * workers, self._index_files)
+                    regions = self._regions(shards, rank, workers)
                 dataset = StreamDataset(self.locations(split), self.checks, self.on_error, batch_size,
                                         self.eval_max_batch_seconds, self.shuffle_buffer, rank=rank,
-                                        world_size=world, indexed=self._regions(shards, rank, workers),
-                                        counted=scanned)
+                                        world_size=world, indexed=regions, counted=scanned)
                 loaders.append(DataLoader(dataset, batch_size=None, collate_fn=_as_is, **options))
                 continue
             utterances = self._utterances[split]

@@ -205,7 +205,7 @@ def stream_rng(seed: int, epoch: int, pass_: int, shard: int) -> random.Random:
 
 
 def stream_shards(utterances: Sequence[Utterance], shards: int, indexed: Collection[str]) -> list[list[Utterance]]:
-    """Each training stream shard's usable utterances (of a manifest, in stream order): of an archive in
+    """Each stream shard's usable utterances (of a manifest, in stream order): of an archive in
     ``indexed``, a contiguous region (:func:`~asr.data.archive.cut_regions`); of any other, every ``shards``-th
     audio member, as :func:`~asr.data.archive.read_archive` deals them."""
     result: list[list[Utterance]] = [[] for _ in range(shards)]

@@ -73,7 +73,7 @@ def scan(location: str, workers: int = 1, index_to: Path | None = None) -> Manif
     if not is_archive(location):
         return Manifest(location, "", *scan_directory(location, workers))
     if is_url(location) and not serves_ranges(location):
-        log.warning("%s: the server does not serve byte ranges, so every training stream shard will read the whole "
+        log.warning("%s: the server does not serve byte ranges, so every stream shard will read the whole "
                     "archive; download it first (python -m asr.data download) to read it in parts", location)
         index_to = None
     utterances, problems = [], []
