@@ -39,6 +39,10 @@ def test_evaluation_shards_cover_everything_once():
     shards = [list(DurationBatchSampler(DURATIONS, batch_size=7, shuffle=False, rank=r, world_size=2,
                                         drop_uneven=False)) for r in range(2)]
     assert sorted(i for shard in shards for batch in shard for i in batch) == list(range(len(DURATIONS)))
+    # Ranks short of a batch get an empty one (Lightning would skip evaluation, and its sync, on a rank with none).
+    shards = [list(DurationBatchSampler([1.0, 2.0], batch_size=1, shuffle=False, rank=r, world_size=3,
+                                        drop_uneven=False)) for r in range(3)]
+    assert shards == [[[0]], [[1]], [[]]]
 
 
 def test_resume_mid_epoch_gives_the_remaining_batches():

@@ -54,8 +54,9 @@ class DurationBatchSampler(Sampler[list[int]]):
     Utterances are ordered by duration (shuffled within a ``SHUFFLE_WINDOW`` when shuffling), cut into
     batches, and the batch order is shuffled with ``seed + epoch``. Batch ``i`` goes to rank
     ``i % world_size``. For training (``drop_uneven=True``) the few batches that would leave ranks unequal are
-    dropped for that epoch, so no rank waits at the end; for evaluation every utterance is kept and ranks may
-    differ by one batch.
+    dropped for that epoch, so no rank waits at the end; for evaluation every utterance is kept, and a rank short
+    of a batch gets an empty one: Lightning skips evaluation on a rank with no batches, and its metrics' sync with
+    it, which would leave the other ranks waiting.
     Where the cut is shuffled, its batch count varies by a batch or two from epoch to epoch; every epoch is given
     epoch 0's count instead (Lightning reads ``len()`` once, and schedules by it): surplus batches are left out,
     and a shortfall is made up with the epoch's first batches again.
@@ -107,12 +108,14 @@ class DurationBatchSampler(Sampler[list[int]]):
         return list(itertools.islice(itertools.cycle(batches), self.batches_per_epoch))
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._all_batches()[self.rank :: self.world_size][self.start :]
+        mine = self._all_batches()[self.rank :: self.world_size]
+        mine += [[] for _ in range(len(self) - len(mine))]
+        yield from mine[self.start :]
 
     def __len__(self) -> int:
         if self.drop_uneven:
             return self.batches_per_epoch // self.world_size
-        return math.ceil(max(0, self.batches_per_epoch - self.rank) / self.world_size)
+        return math.ceil(self.batches_per_epoch / self.world_size)
 
 
 # In a stream, a batch padded worse than this waits in the buffer for utterances of similar length (while
