@@ -293,7 +293,16 @@ def test_inspect_command(demo_root):
     assert result.returncode == 0, result.stderr
     assert "train: " in result.stdout and "8 speakers" in result.stdout
     assert "test-unseen: 16 utterances" in result.stdout and "2 speakers" in result.stdout
-    assert "skipped: 0" in result.stdout
+    assert "skipped: 0" in result.stdout and "read: at random" in result.stdout
+
+
+def test_inspect_says_how_each_part_is_read():
+    from asr.data.__main__ import reading
+    from asr.data.manifest import Manifest
+
+    assert reading(Manifest("/data/LibriSpeech/dev-clean", "", [], [])) == "at random"
+    assert reading(Manifest("/data/dev-clean.tar.gz", "", [], [], "/m/dev-clean.gzidx")).startswith("in parts")
+    assert "serves no byte ranges" in reading(Manifest("http://host/dev-clean.tar.gz", "", [], []))
 
 
 def test_inspect_an_archive_lists_its_skips(tmp_path):
@@ -306,7 +315,7 @@ def test_inspect_an_archive_lists_its_skips(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert f"dev-clean: {len(USABLE) - 1} utterances" in result.stdout
-    assert "dev-clean.tar.gz" in result.stdout
+    assert "dev-clean.tar.gz" in result.stdout and "read: in parts, through its gzip index" in result.stdout
     assert f"skipped: {5 + len(CHECK_PROBLEMS) + 1} " in result.stdout
     assert "'label longer than the output frames': 1" in result.stdout
 

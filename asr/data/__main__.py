@@ -17,18 +17,30 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from asr.data.archive import is_archive
 from asr.data.download import download_split
 from asr.data.librispeech import parts
+from asr.data.manifest import Manifest
 from asr.data.text import CharTokenizer, normalize
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def reading(manifest: Manifest) -> str:
+    """How loaders read a part: at random, or an archive in parts or whole."""
+    if not is_archive(manifest.source):
+        return "at random"
+    if manifest.index_file is not None:
+        return "in parts, through its gzip index"
+    return "whole, by every shard (its server serves no byte ranges)"
 
 
 def inspect(cfg: DictConfig) -> None:
     datamodule = instantiate(cfg.data, tokenizer=CharTokenizer(), _convert_="all")
     datamodule.prepare_data()
     for split in dict.fromkeys([*datamodule.train_splits, *datamodule.val_splits, *datamodule.test_splits]):
-        utterances, problems = datamodule.load_split(split, for_training=split in datamodule.train_splits)
+        manifests = datamodule.manifest(split)
+        utterances, problems = datamodule.load_split(split, split in datamodule.train_splits, manifests)
         skipped = Counter(p.reason for p in problems)
         durations = [u.duration for u in utterances] or [0.0]
         characters = "".join(sorted({c for u in utterances for c in normalize(u.transcript)}))
@@ -36,6 +48,7 @@ def inspect(cfg: DictConfig) -> None:
             f"{split}: {len(utterances)} utterances, {sum(durations) / 3600:.2f} h, "
             f"{len({u.speaker for u in utterances})} speakers\n"
             f"  from: {', '.join(datamodule.locations(split))}\n"
+            f"  read: {'; '.join(reading(m) for m in manifests)}\n"
             f"  duration min/mean/max: {min(durations):.2f} / {statistics.mean(durations):.2f} / "
             f"{max(durations):.2f} s\n"
             f"  characters: {characters!r}\n"
