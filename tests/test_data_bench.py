@@ -8,7 +8,7 @@ import sys
 def test_bench_command_reports_throughput_and_padding(demo_root, tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "asr.data.bench", "--workers", "0,1", "--seconds", "1", "--rounds", "1",
+        [sys.executable, "-m", "asr.data.bench", "--workers", "0,1,2", "--seconds", "1", "--rounds", "1",
          "--synthetic-hours", "5", "--long-files", "6", "--synthetic-batch-seconds", "30", "--archive-shards", "2",
          "--json", str(out),
          "experiment=demo", f"data.root={demo_root}", "data.demo_corpus=null"],
@@ -29,6 +29,10 @@ def test_bench_command_reports_throughput_and_padding(demo_root, tmp_path):
         # The report rounds the CPU times, so the efficiency recomputed from them may differ in the last digit.
         assert cpu["workers"] > 0
         assert abs(worker["worker_cpu_efficiency"] - cpu["plain"] / cpu["workers"]) <= 0.002
+        assert "parallel_plain_audio_s_per_s" not in worker
+        two = report["loader"][files]["workers=2"]
+        assert two["parallel_plain_audio_s_per_s"] > 0
+        assert abs(two["ratio_to_parallel_plain"] - two["audio_s_per_s"] / two["parallel_plain_audio_s_per_s"]) < 0.01
     archive = report["loader"]["archive"]
     assert archive["members"] > 100 and archive["shards"] == 2 and archive["shard"] == 1
     assert archive["streamed"]["audio_s_per_s"] > 0 and archive["by_region"]["audio_s_per_s"] > 0

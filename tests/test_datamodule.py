@@ -242,16 +242,21 @@ def test_resume_through_the_datamodule_state_gives_the_remaining_batches(tmp_pat
 
 
 class Recorder(L.LightningModule):
-    """Trains nothing; records the utterance ids of every training batch."""
+    """Trains nothing; records every training batch (epoch, utterance ids, sum of its audio), and every
+    validation batch."""
 
     def __init__(self):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(()))
         self.seen = []
+        self.validated = []
 
     def training_step(self, batch, batch_idx):
-        self.seen.append((self.current_epoch, tuple(batch["ids"])))
+        self.seen.append((self.current_epoch, tuple(batch["ids"]), float(batch["input_values"].sum())))
         return self.weight * batch["input_values"].mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.validated.append((self.current_epoch, tuple(batch["ids"]), float(batch["input_values"].sum())))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
@@ -272,7 +277,7 @@ def fit(root, tokenizer, tmp_path, ckpt_path=None, **trainer_options):
 def test_lightning_reshuffles_each_epoch_and_resumes(tmp_path, tokenizer, into_second_epoch):
     big_archive(tmp_path)
     whole = fit(tmp_path, tokenizer, tmp_path)
-    epochs = [[ids for e, ids in whole if e == epoch] for epoch in (0, 1)]
+    epochs = [[ids for e, ids, _ in whole if e == epoch] for epoch in (0, 1)]
     assert len(epochs[0]) == len(epochs[1]) > 6 and epochs[0] != epochs[1]
     steps = len(epochs[0]) + into_second_epoch  # stop there, with a checkpoint (0: at the end of epoch 0)
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=steps)

@@ -4,7 +4,8 @@ The ``key=value`` overrides are the training config's (default ``experiment=demo
 
 - throughput: audio seconds per second delivered by the DataModule's train loader with N workers
   (``data.num_workers``), and by plain ``soundfile.read`` of the same split's files in one loop, timed next to
-  it; ``per_worker`` is the loader's rate over N (or 1) times the plain rate. The loader yields 16-bit PCM and
+  it; ``per_worker`` is the loader's rate over N (or 1) times the plain rate; with N > 1, plain decoding in N
+  processes at once is timed too (what the machine's free cores allow N decoders). The loader yields 16-bit PCM and
   lengths; the float, normalised model inputs are made after the transfer to the device (``model_inputs``),
   whose cost on the host CPU is reported next to it (for scale: plain decoding costs 1000 / its rate
   milliseconds per audio-second). CPU milliseconds per audio-second of the workers, the main process and plain
@@ -34,7 +35,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -120,11 +121,13 @@ def padding(durations: list[float], max_batch_seconds: float, buffer_size: int, 
     }
 
 
-def plain_rate(paths: list[str], seconds: float) -> dict:
+def plain_rate(paths: list[str], seconds: float, ready: Callable[[], object] = lambda: None) -> dict:
     """Audio seconds per second (``rate``) of ``soundfile.read`` over ``paths`` in one loop (after one untimed
-    warm-up pass, so that both this and the loader read from the page cache), and its CPU milliseconds per
-    audio-second (``cpu``)."""
+    warm-up pass, so that both this and the loader read from the page cache, and then ``ready()``), and its CPU
+    milliseconds per audio-second (``cpu``)."""
     for warm in (True, False):
+        if not warm:
+            ready()
         audio, start, cpu = 0.0, time.perf_counter(), time.process_time()
         for path in paths:
             data, rate = sf.read(path, dtype="float32")
@@ -134,6 +137,28 @@ def plain_rate(paths: list[str], seconds: float) -> dict:
         if not warm:
             return {"rate": audio / (time.perf_counter() - start), "cpu": 1000 * (time.process_time() - cpu) / audio}
     raise AssertionError("unreachable")
+
+
+def _plain_process(paths: list[str], seconds: float, barrier, results) -> None:
+    results.put(plain_rate(paths, seconds, barrier.wait)["rate"])
+
+
+def parallel_plain_rate(paths: list[str], seconds: float, processes: int) -> float:
+    """Audio seconds per second of :func:`plain_rate` in ``processes`` processes at once, each over its own share
+    of ``paths`` (their timed loops start together): what this machine's free cores allow that many decoders,
+    the ceiling of a loader with as many workers."""
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(processes, timeout=2 * seconds + 60), context.Queue()
+    children = [context.Process(target=_plain_process, args=(paths[k::processes], seconds, barrier, results),
+                                daemon=True) for k in range(processes)]
+    try:
+        for child in children:
+            child.start()
+        return sum(results.get(timeout=4 * seconds + 60) for _ in children)
+    finally:
+        for child in children:
+            child.terminate()
+            child.join()
 
 
 def workers_cpu() -> float | None:
@@ -231,17 +256,21 @@ def train_data(overrides: list[str]):
 
 def throughput(datamodule, utterances: list[Utterance], workers: list[int], seconds: float, rounds: int) -> dict:
     """Loader and plain rates, alternated ``rounds`` times (the machine's speed drifts): medians, and the median
-    of the per-round ratios. CPU time per audio-second depends far less than the rates on how many cores are
-    free: ``worker_cpu_efficiency`` is plain decoding's over the workers' (1: a worker spends nothing beyond
+    of the per-round ratios. With N > 1 workers, plain decoding is also timed in N processes at once
+    (``ratio_to_parallel_plain``): the loader's rate against what N decoders get from this machine's free
+    cores. CPU time per audio-second depends far less than the rates on how many cores are free:
+    ``worker_cpu_efficiency`` is plain decoding's over the workers' (1: a worker spends nothing beyond
     decoding)."""
     results = {"mean_duration": round(statistics.mean(u.duration for u in utterances), 2),
                "model_inputs_on_host_ms_per_audio_s": round(model_inputs_cost(datamodule), 4)}
     paths = [u.path for u in utterances]
     for n in workers:
-        loaded, plain = [], []
+        loaded, plain, parallel = [], [], []
         for _ in range(rounds):
             loaded.append(loader_rate(datamodule, n, seconds / rounds))
             plain.append(plain_rate(paths, seconds / rounds))
+            if n > 1:
+                parallel.append(parallel_plain_rate(paths, seconds / rounds, n))
         ratio = statistics.median(ours["rate"] / theirs["rate"] for ours, theirs in zip(loaded, plain, strict=True))
         cpu = {"plain": statistics.median(p["cpu"] for p in plain),
                "main": statistics.median(r["cpu_main"] for r in loaded)}
@@ -253,6 +282,10 @@ def throughput(datamodule, utterances: list[Utterance], workers: list[int], seco
                   "cpu_ms_per_audio_s": {name: round(value, 4) for name, value in cpu.items()}}
         if "workers" in cpu:
             result["worker_cpu_efficiency"] = round(cpu["plain"] / cpu["workers"], 3)
+        if parallel:
+            result["parallel_plain_audio_s_per_s"] = round(statistics.median(parallel), 1)
+            result["ratio_to_parallel_plain"] = round(statistics.median(
+                ours["rate"] / theirs for ours, theirs in zip(loaded, parallel, strict=True)), 3)
         results[f"workers={n}"] = result
     return results
 

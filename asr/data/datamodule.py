@@ -4,6 +4,7 @@ duration-bucketed batches out, as many on every rank, resumable mid-epoch."""
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from asr.data.demo import DemoCorpusConfig, build_demo_corpus
 from asr.data.librispeech import DataError, Problem, Utterance, apply_policy, locate, parts
 from asr.data.manifest import Manifest, load_manifest
 from asr.data.text import CharTokenizer
+from asr.data.transfer import SharedSlots, shared_memory_free
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +30,26 @@ def _as_is(batch: dict) -> dict:
     return batch
 
 
-class _TrainLoader(DataLoader):
-    """A DataLoader whose passes start where the DataModule says: Lightning tells the epoch only to plain
+class SpeechLoader(DataLoader):
+    """A DataLoader that copies its workers' batches out of their shared slots (:mod:`asr.data.transfer`), and
+    whose training passes start where the DataModule says (``position``): Lightning tells the epoch only to plain
     samplers, and a resumed run must skip the batches it has already trained on."""
 
-    def __init__(self, *args, position: Callable[[], tuple[int, int]], **kwargs) -> None:
+    def __init__(self, *args, position: Callable[[], tuple[int, int]] | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.position = position
 
     def __iter__(self) -> Iterator:
-        epoch, start = self.position()
-        (self.dataset if self.batch_sampler is None else self.batch_sampler).set_epoch(epoch, start)
-        return super().__iter__()
+        if self.position is not None:
+            epoch, start = self.position()
+            (self.dataset if self.batch_sampler is None else self.batch_sampler).set_epoch(epoch, start)
+        slots = getattr(self.dataset, "slots", None)
+        if slots is None or self.num_workers == 0:
+            return super().__iter__()
+        slots.begin_iteration()
+        batches = super().__iter__()
+        pin = self.pin_memory and torch.accelerator.is_available()  # as DataLoader decides
+        return (slots.receive(batch, pin) for batch in batches)
 
 
 class SpeechDataModule(L.LightningDataModule):
@@ -226,7 +236,7 @@ class SpeechDataModule(L.LightningDataModule):
         rank, world = self._rank_and_world()
         options = dict(self._loader_options(), position=self._next_pass)
         if self.is_stream(self.train_splits):
-            self._train_loader = _TrainLoader(self._train_stream(rank, world), batch_size=None, collate_fn=_as_is,
+            self._train_loader = SpeechLoader(self._train_stream(rank, world), batch_size=None, collate_fn=_as_is,
                                               **options)
         else:
             utterances = [u for split in self.train_splits for u in self._train_utterances[split]]
@@ -234,7 +244,8 @@ class SpeechDataModule(L.LightningDataModule):
                 [u.duration for u in utterances], self.batch_size, self.max_batch_seconds,
                 shuffle=True, seed=self.seed, rank=rank, world_size=world, drop_uneven=True,
             )
-            self._train_loader = _TrainLoader(SpeechDataset(utterances, self.checks, self.on_error),
+            slots = self._slots(utterances, self.batch_size, self.max_batch_seconds)
+            self._train_loader = SpeechLoader(SpeechDataset(utterances, self.checks, self.on_error, slots),
                                               batch_sampler=sampler, collate_fn=_as_is,
                                               persistent_workers=self.num_workers > 0, **options)
         return self._train_loader
@@ -242,11 +253,33 @@ class SpeechDataModule(L.LightningDataModule):
     def _loader_options(self) -> dict:
         return dict(num_workers=self.num_workers, pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor)
 
+    def _slots(self, utterances: list[Utterance] | None, batch_size: int | None,
+               max_batch_seconds: float | None) -> SharedSlots | None:
+        """Shared slots for the workers' batches, each as large as the largest batch of ``utterances`` can be
+        (of a stream without a manifest: ``max_batch_seconds``; unknown with ``batch_size``): a slot for each
+        batch a worker may have in flight (``prefetch_factor``) and one more, the main process's copy."""
+        longest = max((u.duration for u in utterances), default=0.0) if utterances is not None else None
+        if batch_size is not None:
+            seconds = None if longest is None else batch_size * longest
+        else:
+            seconds = max(max_batch_seconds, longest or 0.0)
+        if self.num_workers == 0 or seconds is None:
+            return None
+        per_worker = (self.prefetch_factor or 2) + 1
+        samples = math.ceil(seconds * self.checks.sample_rate)
+        size, free = self.num_workers * per_worker * samples * 2, shared_memory_free()
+        if free is not None and size > free / 2:
+            log.warning("batches go from DataLoader workers the usual way: their shared slots (%.1f MB) would take "
+                        "over half of the %.1f MB free in /dev/shm", size / 1e6, free / 1e6)
+            return None
+        return SharedSlots(self.num_workers, per_worker, samples)
+
     def _train_stream(self, rank: int, world: int) -> StreamDataset:
         """With a manifest, each shard's utterances are known: indexed archives are read by region (this rank's
         shards' regions go to the dataset), and the batches per epoch are counted from the leanest shard."""
         workers = max(1, self.num_workers)
         shards: list[list[Utterance]] = []
+        utterances = None
         if self.batches_per_epoch is None:
             utterances = [u for split in self.train_splits for u in self._train_utterances[split]]
             shards = stream_shards(utterances, world * workers, self._index_files)
@@ -255,6 +288,7 @@ class SpeechDataModule(L.LightningDataModule):
             self.on_error, self.batch_size, self.max_batch_seconds, self.shuffle_buffer, self.seed, rank, world,
             self.batches_per_epoch or self._stream_batches(shards, workers), self._regions(shards, rank, workers),
             counted=self.batches_per_epoch is None,
+            slots=self._slots(utterances, self.batch_size, self.max_batch_seconds),
         )
 
     def _regions(self, shards: list[list[Utterance]], rank: int, workers: int) -> dict[str, IndexedRegions]:
@@ -286,18 +320,20 @@ class SpeechDataModule(L.LightningDataModule):
                 if scanned:
                     shards = stream_shards(self._utterances[split], world * workers, self._index_files)
                     regions = self._regions(shards, rank, workers)
+                slots = self._slots(self._utterances.get(split), batch_size, self.eval_max_batch_seconds)
                 dataset = StreamDataset(self.locations(split), self.checks, self.on_error, batch_size,
                                         self.eval_max_batch_seconds, self.shuffle_buffer, rank=rank,
-                                        world_size=world, indexed=regions, counted=scanned)
-                loaders.append(DataLoader(dataset, batch_size=None, collate_fn=_as_is, **options))
+                                        world_size=world, indexed=regions, counted=scanned, slots=slots)
+                loaders.append(SpeechLoader(dataset, batch_size=None, collate_fn=_as_is, **options))
                 continue
             utterances = self._utterances[split]
             sampler = DurationBatchSampler(
                 [u.duration for u in utterances], batch_size, self.eval_max_batch_seconds,
                 shuffle=False, rank=rank, world_size=world, drop_uneven=False,
             )
-            dataset = SpeechDataset(utterances, self.checks, self.on_error)
-            loaders.append(DataLoader(dataset, batch_sampler=sampler, collate_fn=_as_is,
+            slots = self._slots(utterances, batch_size, self.eval_max_batch_seconds)
+            dataset = SpeechDataset(utterances, self.checks, self.on_error, slots)
+            loaders.append(SpeechLoader(dataset, batch_sampler=sampler, collate_fn=_as_is,
                                       persistent_workers=self.num_workers > 0, **options))
         return loaders
 

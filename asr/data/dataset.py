@@ -7,7 +7,7 @@ import io
 import itertools
 import math
 import random
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -22,6 +22,7 @@ from asr.data.archive import IndexedRegions, cut_regions, read_archive, read_mem
 from asr.data.batching import bucket_stream
 from asr.data.librispeech import SAMPLE_RATE, DataError, Problem, Utterance
 from asr.data.text import CharTokenizer, canonical, normalize
+from asr.data.transfer import SharedSlots, pcm_buffer
 
 
 @dataclass(frozen=True)
@@ -105,13 +106,14 @@ class Checks:
         return out
 
     def batch(self, records: Sequence[tuple[Utterance, str | BinaryIO]], on_error: str,
-              skipped: Sequence[tuple[str, str]] = ()) -> dict:
-        """Decode utterances into one zero-padded 16-bit PCM buffer (:func:`pcm_buffer`): a loader batch, with
-        ``lengths``, ``labels`` (token ids), ``texts``, ``ids`` and ``skipped`` as lists. Under
+              skipped: Sequence[tuple[str, str]] = (),
+              buffer: Callable[[Sequence[int]], torch.Tensor] = pcm_buffer) -> dict:
+        """Decode utterances into one zero-padded 16-bit PCM ``buffer`` (made for their lengths): a loader batch,
+        with ``lengths``, ``labels`` (token ids), ``texts``, ``ids`` and ``skipped`` as lists. Under
         ``on_error="skip"`` the utterances that fail are left out and listed as (reason, file) in ``skipped``,
         after the given ``skipped``. :func:`model_inputs` makes the model's inputs from it."""
         lengths = [self.samples(utt) for utt, _ in records]
-        pcm = pcm_buffer(lengths)
+        pcm = buffer(lengths)
         rows, failed = pcm.numpy(), []
         for k, ((utt, source), n) in enumerate(zip(records, lengths, strict=True)):
             try:
@@ -128,21 +130,6 @@ class Checks:
         texts = [normalize(utt.transcript) for utt, _ in records]
         return {"input_values": pcm, "lengths": lengths, "labels": [self.tokenizer.encode(t) for t in texts],
                 "texts": texts, "ids": [utt.id for utt, _ in records], "skipped": list(skipped)}
-
-
-def pcm_buffer(lengths: Sequence[int]) -> torch.Tensor:
-    """Rows of 16-bit PCM to decode into, zero beyond each length (the rows themselves are left to the caller).
-
-    16-bit PCM is what FLAC holds: half the bytes of float32 to pass between processes and to copy to the GPU. It
-    is the batch's only tensor: each tensor a worker sends costs a shared-memory segment and a file-descriptor
-    handshake. The buffer is ordinary heap memory even in a DataLoader worker, whose allocator hands the same,
-    already mapped pages out again batch after batch; torch copies it into a fresh shared-memory segment when the
-    batch is sent, in the queue's feeder thread, while the worker decodes the next batch. Decoding straight into
-    that segment left the first touch of each of its pages (costly in a VM) to the decoding thread."""
-    pcm = torch.empty((len(lengths), max(lengths, default=0)), dtype=torch.int16)
-    for k, n in enumerate(lengths):
-        pcm.numpy()[k, n:] = 0  # numpy: torch's small multi-threaded ops are slow on a busy CPU
-    return pcm
 
 
 def model_inputs(batch: dict) -> dict:
@@ -173,13 +160,28 @@ def model_inputs(batch: dict) -> dict:
             "lengths": lengths, "labels": to_device(labels), "label_lengths": to_device(label_lengths)}
 
 
+def decode_batch(checks: Checks, records: Sequence[tuple[Utterance, str | BinaryIO]], on_error: str,
+                 slots: SharedSlots | None, skipped: Sequence[tuple[str, str]] = ()) -> dict:
+    """:meth:`Checks.batch`, into a shared slot where a DataLoader worker has one."""
+    if slots is None:
+        return checks.batch(records, on_error, skipped)
+    try:
+        batch = checks.batch(records, on_error, skipped, slots.buffer)
+    except BaseException:
+        slots.drop()
+        raise
+    return slots.send(batch)
+
+
 class SpeechDataset(Dataset):
     """Utterances in audio files, by index (batches come from a :class:`DurationBatchSampler`)."""
 
-    def __init__(self, utterances: Sequence[Utterance], checks: Checks, on_error: str = "skip") -> None:
+    def __init__(self, utterances: Sequence[Utterance], checks: Checks, on_error: str = "skip",
+                 slots: SharedSlots | None = None) -> None:
         self.utterances = list(utterances)
         self.checks = checks
         self.on_error = on_error
+        self.slots = slots
         # Hugging Face splits, opened here: workers get them with the dataset (memory-mapped, pickled by file
         # name when spawned) instead of each loading the dataset again.
         self.hf_splits = {path: hf.open_split(path) for path in {u.path for u in self.utterances} if hf.is_hf(path)}
@@ -194,7 +196,7 @@ class SpeechDataset(Dataset):
         """A whole batch: the DataLoader hands the batch sampler's indices here, and its ``collate_fn`` passes
         the batch on as is."""
         utterances = [self.utterances[i] for i in indices]
-        return self.checks.batch([(u, self._source(u)) for u in utterances], self.on_error)
+        return decode_batch(self.checks, [(u, self._source(u)) for u in utterances], self.on_error, self.slots)
 
     def _source(self, utt: Utterance) -> str | BinaryIO:
         return hf.audio(self.hf_splits[utt.path], utt) if utt.path in self.hf_splits else utt.path
@@ -269,8 +271,9 @@ class StreamDataset(IterableDataset):
                  batch_size: int | None = None, max_batch_seconds: float | None = None,
                  buffer_size: int = 1000, seed: int = 0, rank: int = 0, world_size: int = 1,
                  batches_per_epoch: int | None = None, indexed: Mapping[str, IndexedRegions] | None = None,
-                 counted: bool = False) -> None:
+                 counted: bool = False, slots: SharedSlots | None = None) -> None:
         self.locations = list(locations)
+        self.slots = slots
         self.indexed = dict(indexed or {})
         self.counted = counted
         self.checks = checks
@@ -319,7 +322,8 @@ class StreamDataset(IterableDataset):
                              rng)
 
     def _collate(self, batch: list[tuple[Utterance, bytes]], skipped: list) -> dict:
-        out = self.checks.batch([(utt, io.BytesIO(data)) for utt, data in batch], self.on_error, skipped)
+        out = decode_batch(self.checks, [(utt, io.BytesIO(data)) for utt, data in batch], self.on_error,
+                           self.slots, skipped)
         skipped.clear()
         return out
 

@@ -1,0 +1,146 @@
+"""Batches' audio buffers, and their way out of DataLoader workers through shared memory set up once.
+
+A tensor a worker sends the usual way costs a new shared-memory segment, the first touch of each of its pages,
+and a file-descriptor handshake with the main process (a socket connection with HMAC authentication): on the
+demo's batches of short clips, more than decoding them. :class:`SharedSlots` maps a few buffers per worker in the
+main process before the workers start; a worker decodes a batch into a free one and sends only its place
+(:class:`SlotRef`), and the main process copies the batch out and frees the slot.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
+
+
+def pcm_buffer(lengths: Sequence[int]) -> torch.Tensor:
+    """Rows of 16-bit PCM to decode into, zero beyond each length (the rows themselves are left to the caller).
+
+    16-bit PCM is what FLAC holds: half the bytes of float32 to pass between processes and to copy to the GPU.
+    The buffer is ordinary heap memory, whose allocator hands the same, already mapped pages out again batch after
+    batch (the first touch of a page is costly in a VM)."""
+    pcm = torch.empty((len(lengths), max(lengths, default=0)), dtype=torch.int16)
+    _zero_padding(pcm, lengths)
+    return pcm
+
+
+def _zero_padding(pcm: torch.Tensor, lengths: Sequence[int]) -> None:
+    rows = pcm.numpy()  # numpy: torch's small multi-threaded ops are slow on a busy CPU
+    for k, n in enumerate(lengths):
+        rows[k, n:] = 0
+
+
+@dataclass(frozen=True)
+class SlotRef:
+    """Where a worker left a batch's PCM: ``rows x columns`` samples at the start of its slot, written in the
+    loader iteration ``iteration``."""
+
+    worker: int
+    slot: int
+    iteration: int
+    rows: int
+    columns: int
+
+
+class SharedSlots:
+    """``per_worker`` buffers of ``samples`` 16-bit samples for each of ``workers`` DataLoader workers.
+
+    Each slot has a mark: 0 when free, ``-i`` while a worker of loader iteration ``i`` (:meth:`begin_iteration`)
+    writes a batch into it, ``i`` from when the batch is complete until the main process has copied it out. A
+    slot that holds a complete batch of an earlier iteration is free too: DataLoader drops what an iteration left
+    unread when the next begins. A batch that does not fit, or finds no free slot, goes the usual way.
+
+    A worker still decoding a batch of an iteration left unfinished when the next begins marks it as the new
+    iteration's, and its slot stays taken until the iteration after (Lightning starts iterations over a loader
+    after it has finished the last one, or long after, as validation after its sanity check).
+    """
+
+    def __init__(self, workers: int, per_worker: int, samples: int) -> None:
+        self.samples = samples
+        self.pcm = torch.empty((workers, per_worker, samples), dtype=torch.int16).share_memory_()
+        self.marks = torch.zeros((workers, per_worker), dtype=torch.int64).share_memory_()
+        self.iteration = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # Marks change under a lock, which also orders them with the copies on any CPU.
+        self.lock = multiprocessing.get_context().Lock()
+        self._next = 0  # in a worker: the slot it tries first
+        self._taken: tuple[int, int, torch.Tensor] | None = None  # in a worker: (slot, iteration, its batch)
+
+    def begin_iteration(self) -> None:
+        """In the main process, before each iteration over the loader."""
+        with self.lock:
+            self.iteration += 1
+
+    def buffer(self, lengths: Sequence[int]) -> torch.Tensor:
+        """Rows to decode into, zero beyond each length: a free slot in a worker where the batch fits, else
+        :func:`pcm_buffer`."""
+        info = get_worker_info()
+        rows, columns = len(lengths), max(lengths, default=0)
+        if info is None or rows * columns > self.samples:
+            return pcm_buffer(lengths)
+        marks, per_worker = self.marks.numpy()[info.id], self.marks.shape[1]
+        with self.lock:
+            iteration = int(self.iteration)
+            free = [k for k in range(per_worker) if 0 <= marks[k] < iteration]
+            if not free:
+                return pcm_buffer(lengths)
+            slot = min(free, key=lambda k: (k - self._next) % per_worker)
+            marks[slot] = -iteration
+        self._next = (slot + 1) % per_worker
+        pcm = self.pcm[info.id, slot, : rows * columns].view(rows, columns)
+        _zero_padding(pcm, lengths)
+        self._taken = (slot, iteration, pcm)
+        return pcm
+
+    def send(self, batch: dict) -> dict:
+        """In a worker, after :meth:`buffer`: the batch with its PCM replaced by a :class:`SlotRef` if it is the
+        slot's (a batch that lost utterances to decoding errors is a copy, and the slot is freed)."""
+        if self._taken is None:
+            return batch
+        slot, iteration, pcm = self._taken
+        if batch["input_values"] is not pcm:
+            self.drop()
+            return batch
+        self._taken = None
+        worker = get_worker_info().id
+        with self.lock:
+            self.marks.numpy()[worker, slot] = iteration
+        return {**batch, "input_values": SlotRef(worker, slot, iteration, *pcm.shape)}
+
+    def drop(self) -> None:
+        """In a worker: frees the slot :meth:`buffer` handed out, for a batch that will not be sent from it."""
+        if self._taken is not None:
+            with self.lock:
+                self.marks.numpy()[get_worker_info().id, self._taken[0]] = 0
+            self._taken = None
+
+    def receive(self, batch: dict, pin: bool = False) -> dict:
+        """In the main process: the batch with its PCM copied out of its slot (into pinned memory with ``pin``),
+        and the slot freed."""
+        ref = batch["input_values"]
+        if not isinstance(ref, SlotRef):
+            return batch
+        pcm = torch.empty((ref.rows, ref.columns), dtype=torch.int16, pin_memory=pin)
+        np.copyto(pcm.numpy().reshape(-1), self.pcm[ref.worker, ref.slot, : ref.rows * ref.columns].numpy())
+        marks = self.marks.numpy()
+        with self.lock:
+            if marks[ref.worker, ref.slot] != ref.iteration:
+                # Only a worker of a later iteration takes a slot whose batch is unread: two iterations at once.
+                raise RuntimeError("a DataLoader batch was overwritten in shared memory: iterate over one loader "
+                                   "at a time")
+            marks[ref.worker, ref.slot] = 0
+        return {**batch, "input_values": pcm}
+
+
+def shared_memory_free() -> int | None:
+    """Free bytes in ``/dev/shm``, where torch's shared memory lives on Linux; None where there is none."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
