@@ -174,7 +174,8 @@ def decode_batch(checks: Checks, records: Sequence[tuple[Utterance, str | Binary
 
 
 class SpeechDataset(Dataset):
-    """Utterances in audio files, by index (batches come from a :class:`DurationBatchSampler`)."""
+    """Utterances in audio files, by index (batches come from a :class:`DurationBatchSampler`); in DataLoader
+    workers decoded into ``slots`` where given (:mod:`asr.data.transfer`)."""
 
     def __init__(self, utterances: Sequence[Utterance], checks: Checks, on_error: str = "skip",
                  slots: SharedSlots | None = None) -> None:
@@ -265,6 +266,7 @@ class StreamDataset(IterableDataset):
     Problems are raised (``on_error="raise"``) or listed in the ``skipped`` of the next batch; an evaluation
     shard that ends with unreported problems yields one last, empty batch to carry them. With ``counted``, the
     problems a manifest knows of were counted (or raised) at setup, and only decoding failures are reported.
+    In DataLoader workers, batches are decoded into ``slots`` where given (:mod:`asr.data.transfer`).
     """
 
     def __init__(self, locations: Sequence[str], checks: Checks, on_error: str = "skip",
