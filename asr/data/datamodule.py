@@ -44,7 +44,7 @@ class SpeechLoader(DataLoader):
             epoch, start = self.position()
             (self.dataset if self.batch_sampler is None else self.batch_sampler).set_epoch(epoch, start)
         slots = getattr(self.dataset, "slots", None)
-        if slots is None or self.num_workers == 0:
+        if slots is None:
             return super().__iter__()
         slots.begin_iteration()
         batches = super().__iter__()
