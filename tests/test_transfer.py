@@ -1,6 +1,7 @@
 """Batches out of DataLoader workers through shared slots: the same batches as without workers, and slots that
 are freed, reused, and never handed to two batches at once."""
 
+import pickle
 import types
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import torch
 import asr.data.transfer as transfer
 from asr.data.dataset import decode_batch
 from asr.data.librispeech import DataError
-from asr.data.transfer import SharedSlots, SlotRef
+from asr.data.transfer import SharedSlots, SlotRef, TaggedBatches
+from tests.conftest import write_flac
 from tests.test_archive import big_archive
 from tests.test_datamodule import Recorder, make_datamodule, ready
 
@@ -28,8 +30,7 @@ def batch_of(pcm):
 
 def test_a_batch_goes_through_a_slot_and_frees_it(in_worker):
     slots = SharedSlots(workers=2, per_worker=2, samples=12)
-    slots.begin_iteration()
-    pcm = slots.buffer([3, 5])
+    pcm = slots.buffer([3, 5], 1)
     assert pcm.shape == (2, 5) and pcm[0, 3:].eq(0).all()
     pcm[0, :3] = torch.tensor([1, 2, 3])
     pcm[1] = torch.arange(5)
@@ -46,22 +47,20 @@ def test_a_batch_goes_through_a_slot_and_frees_it(in_worker):
 
 def test_a_batch_goes_the_usual_way_when_it_does_not_fit_or_no_slot_is_free(in_worker):
     slots = SharedSlots(workers=2, per_worker=2, samples=12)
-    slots.begin_iteration()
-    big = slots.buffer([13])
+    big = slots.buffer([13], 1)
     assert not isinstance(slots.send(batch_of(big))["input_values"], SlotRef)
-    held = [slots.send(batch_of(slots.buffer([4]))) for _ in range(2)]  # sent, not yet received
+    held = [slots.send(batch_of(slots.buffer([4], 1))) for _ in range(2)]  # sent, not yet received
     assert {ref["input_values"].slot for ref in held} == {0, 1}
-    extra = slots.buffer([4])
+    extra = slots.buffer([4], 1)
     assert extra.data_ptr() not in {slots.pcm[1, k].data_ptr() for k in range(2)}
     assert slots.send(batch_of(extra))["input_values"] is extra
     slots.receive(held[0])
-    assert isinstance(slots.send(batch_of(slots.buffer([4])))["input_values"], SlotRef)
+    assert isinstance(slots.send(batch_of(slots.buffer([4], 1)))["input_values"], SlotRef)
 
 
 def test_a_batch_that_lost_utterances_is_sent_as_its_copy_and_frees_the_slot(in_worker):
     slots = SharedSlots(workers=2, per_worker=1, samples=12)
-    slots.begin_iteration()
-    pcm = slots.buffer([3, 4])
+    pcm = slots.buffer([3, 4], 1)
     copy = pcm[[1], :4]  # what Checks.batch keeps when the first utterance fails to decode
     assert slots.send(batch_of(copy))["input_values"] is copy
     assert slots.marks.eq(0).all()
@@ -74,25 +73,59 @@ def test_a_batch_that_fails_to_decode_frees_its_slot(in_worker):
             raise DataError("x.flac: undecodable audio")
 
     slots = SharedSlots(workers=2, per_worker=1, samples=12)
-    slots.begin_iteration()
     with pytest.raises(DataError, match="x.flac"):
-        decode_batch(Failing(), [], "raise", slots)
+        decode_batch(Failing(), [], "raise", slots, 1)
     assert slots.marks.eq(0).all()
 
 
 def test_an_earlier_iterations_unread_batch_is_freed_but_not_one_being_written(in_worker):
-    slots = SharedSlots(workers=2, per_worker=2, samples=12)
-    slots.begin_iteration()
-    abandoned = slots.send(batch_of(slots.buffer([4])))  # complete, never read: DataLoader drops it
-    slots.buffer([4])  # still being written by a worker of the abandoned iteration
-    slots.begin_iteration()
-    assert slots.marks[1].tolist() == [1, -1]
-    reused = slots.buffer([4])
-    assert reused.data_ptr() == slots.pcm[1, abandoned["input_values"].slot].data_ptr()
-    slots.buffer([4])  # the other slot is still being written: this batch goes the usual way
-    assert slots.marks[1].tolist() == [-2, -1]
+    slots = SharedSlots(workers=2, per_worker=3, samples=12)
+    abandoned = slots.send(batch_of(slots.buffer([4], 1)))  # complete, never read: DataLoader drops it
+    slots.buffer([4], 1)  # still being written by a worker of the abandoned iteration
+    assert slots.marks[1].tolist() == [1, -1, 0]
+    reused = [slots.buffer([4], 2), slots.buffer([4], 2)]
+    assert {pcm.data_ptr() for pcm in reused} == {slots.pcm[1, k].data_ptr() for k in (0, 2)}
+    assert slots.marks[1].tolist() == [-2, -1, -2]
+    slots.buffer([4], 2)  # the slot still being written is not taken: this batch goes the usual way
+    assert slots.marks[1].tolist() == [-2, -1, -2]
     with pytest.raises(RuntimeError, match="overwritten in shared memory"):
         slots.receive(abandoned)
+
+
+def test_a_batch_asked_for_by_an_abandoned_iteration_does_not_hold_its_slot_into_the_next(in_worker):
+    """A persistent worker decodes the batches an abandoned iteration left in its queue after the next began."""
+    slots = SharedSlots(workers=2, per_worker=2, samples=12)
+    for _ in range(2):
+        slots.send(batch_of(slots.buffer([4], 1)))  # decoded after iteration 2 began, dropped by DataLoader
+    fresh = [slots.send(batch_of(slots.buffer([4], 2))) for _ in range(2)]
+    assert all(isinstance(batch["input_values"], SlotRef) for batch in fresh)
+    assert slots.marks[1].tolist() == [2, 2]
+
+
+def test_batches_are_tagged_with_the_iteration_they_are_drawn_in():
+    slots = SharedSlots(workers=1, per_worker=1, samples=4)
+    batches = TaggedBatches([[0, 1], [2]], slots)
+    slots.begin_iteration()
+    first = iter(batches)
+    assert len(batches) == 2 and next(first) == [0, 1]
+    slots.begin_iteration()
+    tagged = list(batches)
+    assert tagged == [[0, 1], [2]] and [t.iteration for t in tagged] == [2, 2]
+    assert pickle.loads(pickle.dumps(tagged[1])).iteration == 2  # as a worker's index queue carries it
+
+
+@pytest.fixture
+def refs(monkeypatch):
+    """For each batch the main process receives, whether it came through a slot."""
+    through_slot = []
+    receive = SharedSlots.receive
+
+    def recorded(self, batch, pin=False):
+        through_slot.append(isinstance(batch["input_values"], SlotRef))
+        return receive(self, batch, pin)
+
+    monkeypatch.setattr(SharedSlots, "receive", recorded)
+    return through_slot
 
 
 def drain(dm, loader):
@@ -103,7 +136,7 @@ def drain(dm, loader):
 
 @pytest.mark.parametrize("source", ["folder", "archive"])
 def test_workers_send_through_slots_the_batches_they_would_send_the_usual_way(tmp_path, tokenizer, source,
-                                                                               monkeypatch):
+                                                                               monkeypatch, refs):
     built, _ = big_archive(tmp_path)
     root = tmp_path
     if source == "archive":
@@ -113,17 +146,14 @@ def test_workers_send_through_slots_the_batches_they_would_send_the_usual_way(tm
     dm = ready(make_datamodule(root, tokenizer, train_splits=["train-clean-100"], val_splits=["train-clean-100"],
                                test_splits=[], max_batch_seconds=1.5, eval_batch_size=3, min_samples=100, seed=5,
                                num_workers=2))
-    refs = []
-    receive = SharedSlots.receive
-    monkeypatch.setattr(SharedSlots, "receive", lambda self, batch, pin=False: (
-        refs.append(isinstance(batch["input_values"], SlotRef)), receive(self, batch, pin))[1])
     for make in (dm.train_dataloader, lambda: dm.val_dataloader()[0]):
-        usual = make()
-        usual.dataset.slots = None
+        with monkeypatch.context() as without_slots:
+            without_slots.setattr(dm, "_slots", lambda *args: None)
+            usual = make()
         expected = drain(dm, usual)
         assert len(expected) > 6
         loader = make()
-        assert loader.dataset.slots is not None
+        assert usual.slots is None and loader.slots is not None
         for abandoned in (False, True):
             if abandoned:  # left after a batch, as Lightning's sanity check leaves validation, and begun again at once
                 dm.load_state_dict({"epoch": 0, "batches": 0})
@@ -132,11 +162,10 @@ def test_workers_send_through_slots_the_batches_they_would_send_the_usual_way(tm
             got = drain(dm, loader)
             assert [ids for ids, _ in got] == [ids for ids, _ in expected]
             assert all(torch.equal(pcm, usual_pcm) for (_, pcm), (_, usual_pcm) in zip(got, expected, strict=True))
-            assert np.all(loader.dataset.slots.marks.numpy() >= 0)
-            # At once after an abandoned iteration, its workers may still hold slots (see SharedSlots).
-            assert sum(refs) > len(refs) / 2 if not abandoned else any(refs)
+            assert np.all(loader.slots.marks.numpy() >= 0)
+            assert all(refs)  # no slot left held by an abandoned iteration
 
-def test_lightning_gets_the_same_batches_through_slots_as_without_workers(tmp_path, tokenizer, monkeypatch):
+def test_lightning_gets_the_same_batches_through_slots_as_without_workers(tmp_path, tokenizer, refs):
     """Two epochs with validation, after Lightning's sanity check has left a validation iteration unfinished."""
     big_archive(tmp_path)
 
@@ -151,13 +180,43 @@ def test_lightning_gets_the_same_batches_through_slots_as_without_workers(tmp_pa
         return model.seen, model.validated
 
     alone = seen(0)
-    assert len(alone[0]) > 20 and len(alone[1]) > 10
-    refs = []
-    receive = SharedSlots.receive
-    monkeypatch.setattr(SharedSlots, "receive", lambda self, batch, pin=False: (
-        refs.append(isinstance(batch["input_values"], SlotRef)), receive(self, batch, pin))[1])
+    assert len(alone[0]) > 20 and len(alone[1]) > 10 and not refs
     assert seen(2) == alone
-    assert len(refs) == sum(map(len, alone)) and sum(refs) > 0.9 * len(refs)
+    assert len(refs) == sum(map(len, alone)) and all(refs)
+
+
+def test_a_training_stream_without_a_manifest_has_slots_as_large_as_max_duration_allows(tmp_path, tokenizer,
+                                                                                        monkeypatch, refs):
+    root = tmp_path / "archives"
+    root.mkdir()
+    Path(big_archive(tmp_path)[0]).rename(root / "train-clean-100.tar.gz")
+    options = dict(train_splits=["train-clean-100"], val_splits=[], test_splits=[], batch_size=3,
+                   max_batch_seconds=None, batches_per_epoch=6, min_samples=100, num_workers=2)
+    assert ready(make_datamodule(root, tokenizer, **options)).train_dataloader().slots is None
+    dm = ready(make_datamodule(root, tokenizer, max_duration=1.5, **options))
+    loader = dm.train_dataloader()
+    assert loader.slots.samples == 3 * 24_000
+    with monkeypatch.context() as without_slots:
+        without_slots.setattr(dm, "_slots", lambda *args: None)
+        expected = drain(dm, dm.train_dataloader())
+    got = drain(dm, loader)
+    assert len(got) == 6 and all(refs) and len(refs) == 6
+    assert [ids for ids, _ in got] == [ids for ids, _ in expected]
+    assert all(torch.equal(pcm, usual) for (_, pcm), (_, usual) in zip(got, expected, strict=True))
+
+
+def test_resampled_batches_at_the_budget_fit_their_slots(tmp_path, tokenizer, refs):
+    # 11002 samples at 22.05 kHz are 7983.3 at 16 kHz, which resampling makes 7984: two of them are 15968 samples,
+    # a batch of 2 * 11002 / 22050 s, which is 15966.6 samples.
+    for k in range(4):
+        write_flac(tmp_path / "LibriSpeech" / "train" / "1" / "2" / f"1-2-{k}.flac", 11002 / 22050, rate=22050)
+    (tmp_path / "LibriSpeech" / "train" / "1" / "2" / "1-2.trans.txt").write_text(
+        "".join(f"1-2-{k} HELLO\n" for k in range(4)))
+    dm = ready(make_datamodule(tmp_path, tokenizer, val_splits=[], test_splits=[], resample=True,
+                               max_batch_seconds=2 * 11002 / 22050, num_workers=2))
+    batches = drain(dm, dm.train_dataloader())
+    assert [pcm.shape for _, pcm in batches] == [(2, 7984)] * 2
+    assert refs == [True, True]
 
 
 def test_without_room_in_shared_memory_batches_go_the_usual_way(tmp_path, tokenizer, monkeypatch, caplog):
@@ -166,9 +225,9 @@ def test_without_room_in_shared_memory_batches_go_the_usual_way(tmp_path, tokeni
     big_archive(tmp_path)
     dm = ready(make_datamodule(tmp_path, tokenizer, train_splits=["train-clean-100"], val_splits=[], test_splits=[],
                                max_batch_seconds=1.5, min_samples=100, num_workers=2))
-    assert dm.train_dataloader().dataset.slots.pcm.numel() == 2 * 3 * 24_000
+    assert dm.train_dataloader().slots.pcm.numel() == 2 * 3 * 24_000
     monkeypatch.setattr(datamodule, "shared_memory_free", lambda: 200_000)
     loader = dm.train_dataloader()
-    assert loader.dataset.slots is None
+    assert loader.slots is None
     assert "(0.3 MB) would take over half of the 0.2 MB free in /dev/shm" in caplog.text
     assert len(drain(dm, loader)) == len(loader)

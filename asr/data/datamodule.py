@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from asr.data import hf
 from asr.data.archive import IndexedRegions, is_archive
@@ -21,7 +21,7 @@ from asr.data.demo import DemoCorpusConfig, build_demo_corpus
 from asr.data.librispeech import DataError, Problem, Utterance, apply_policy, locate, parts
 from asr.data.manifest import Manifest, load_manifest
 from asr.data.text import CharTokenizer
-from asr.data.transfer import SharedSlots, shared_memory_free
+from asr.data.transfer import SharedSlots, TaggedBatches, shared_memory_free
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +35,24 @@ class SpeechLoader(DataLoader):
     whose training passes start where the DataModule says (``position``): Lightning tells the epoch only to plain
     samplers, and a resumed run must skip the batches it has already trained on."""
 
-    def __init__(self, *args, position: Callable[[], tuple[int, int]] | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, dataset: Dataset, *, batch_sampler: Sampler | None = None,
+                 position: Callable[[], tuple[int, int]] | None = None, **kwargs) -> None:
+        self.slots: SharedSlots | None = getattr(dataset, "slots", None)
+        self.resumable = dataset if batch_sampler is None else batch_sampler
+        if self.slots is not None and batch_sampler is not None:
+            batch_sampler = TaggedBatches(batch_sampler, self.slots)
+        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
         self.position = position
 
     def __iter__(self) -> Iterator:
         if self.position is not None:
-            epoch, start = self.position()
-            (self.dataset if self.batch_sampler is None else self.batch_sampler).set_epoch(epoch, start)
-        slots = getattr(self.dataset, "slots", None)
-        if slots is None:
+            self.resumable.set_epoch(*self.position())
+        if self.slots is None:
             return super().__iter__()
-        slots.begin_iteration()
+        self.slots.begin_iteration()
         batches = super().__iter__()
         pin = self.pin_memory and torch.accelerator.is_available()  # as DataLoader decides
-        return (slots.receive(batch, pin) for batch in batches)
+        return (self.slots.receive(batch, pin) for batch in batches)
 
 
 class SpeechDataModule(L.LightningDataModule):
@@ -255,10 +258,14 @@ class SpeechDataModule(L.LightningDataModule):
 
     def _slots(self, utterances: list[Utterance] | None, batch_size: int | None,
                max_batch_seconds: float | None) -> SharedSlots | None:
-        """Shared slots for the workers' batches, each as large as the largest batch of ``utterances`` can be
-        (of a stream without a manifest: ``max_batch_seconds``; unknown with ``batch_size``): a slot for each
-        batch a worker may have in flight (``prefetch_factor``) and one more, the main process's copy."""
-        longest = max((u.duration for u in utterances), default=0.0) if utterances is not None else None
+        """Shared slots for the workers' batches, each as large as the largest batch of ``utterances`` can be (of
+        a training stream without a manifest, ``utterances=None``: of utterances up to ``data.max_duration``): a
+        slot for each batch a worker may have in flight (``prefetch_factor``) and one more, the main process's
+        copy."""
+        if utterances is not None:
+            longest = max((u.duration for u in utterances), default=0.0)
+        else:
+            longest = self.checks.max_duration
         if batch_size is not None:
             seconds = None if longest is None else batch_size * longest
         else:
@@ -267,6 +274,8 @@ class SpeechDataModule(L.LightningDataModule):
             return None
         per_worker = (self.prefetch_factor or 2) + 1
         samples = math.ceil(seconds * self.checks.sample_rate)
+        if self.checks.resample:  # a resampled row may be a sample longer than its duration says
+            samples += math.ceil(samples / max(1, self.checks.min_samples))
         size, free = self.num_workers * per_worker * samples * 2, shared_memory_free()
         if free is not None and size > free / 2:
             log.warning("batches go from DataLoader workers the usual way: their shared slots (%.1f MB) would take "

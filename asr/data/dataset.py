@@ -161,12 +161,13 @@ def model_inputs(batch: dict) -> dict:
 
 
 def decode_batch(checks: Checks, records: Sequence[tuple[Utterance, str | BinaryIO]], on_error: str,
-                 slots: SharedSlots | None, skipped: Sequence[tuple[str, str]] = ()) -> dict:
-    """:meth:`Checks.batch`, into a shared slot where a DataLoader worker has one."""
+                 slots: SharedSlots | None, iteration: int, skipped: Sequence[tuple[str, str]] = ()) -> dict:
+    """:meth:`Checks.batch`, into a shared slot where a DataLoader worker has one, for a batch of loader
+    iteration ``iteration``."""
     if slots is None:
         return checks.batch(records, on_error, skipped)
     try:
-        batch = checks.batch(records, on_error, skipped, slots.buffer)
+        batch = checks.batch(records, on_error, skipped, lambda lengths: slots.buffer(lengths, iteration))
     except BaseException:
         slots.drop()
         raise
@@ -175,7 +176,8 @@ def decode_batch(checks: Checks, records: Sequence[tuple[Utterance, str | Binary
 
 class SpeechDataset(Dataset):
     """Utterances in audio files, by index (batches come from a :class:`DurationBatchSampler`); in DataLoader
-    workers decoded into ``slots`` where given (:mod:`asr.data.transfer`)."""
+    workers decoded into ``slots`` where given (:mod:`asr.data.transfer`), for batches tagged with their
+    iteration (:class:`~asr.data.transfer.Tagged`)."""
 
     def __init__(self, utterances: Sequence[Utterance], checks: Checks, on_error: str = "skip",
                  slots: SharedSlots | None = None) -> None:
@@ -194,10 +196,11 @@ class SpeechDataset(Dataset):
         return self.__getitems__([index])
 
     def __getitems__(self, indices: list[int]) -> dict:
-        """A whole batch: the DataLoader hands the batch sampler's indices here, and its ``collate_fn`` passes
-        the batch on as is."""
+        """A whole batch: the DataLoader hands the batch sampler's indices here (with their iteration for the
+        slots: :class:`~asr.data.transfer.Tagged`), and its ``collate_fn`` passes the batch on as is."""
         utterances = [self.utterances[i] for i in indices]
-        return decode_batch(self.checks, [(u, self._source(u)) for u in utterances], self.on_error, self.slots)
+        return decode_batch(self.checks, [(u, self._source(u)) for u in utterances], self.on_error, self.slots,
+                            getattr(indices, "iteration", 0))
 
     def _source(self, utt: Utterance) -> str | BinaryIO:
         return hf.audio(self.hf_splits[utt.path], utt) if utt.path in self.hf_splits else utt.path
@@ -325,7 +328,7 @@ class StreamDataset(IterableDataset):
 
     def _collate(self, batch: list[tuple[Utterance, bytes]], skipped: list) -> dict:
         out = decode_batch(self.checks, [(utt, io.BytesIO(data)) for utt, data in batch], self.on_error,
-                           self.slots, skipped)
+                           self.slots, 0 if self.slots is None else self.slots.iteration, skipped)
         skipped.clear()
         return out
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import get_worker_info
+from torch.utils.data import Sampler, get_worker_info
 
 
 def pcm_buffer(lengths: Sequence[int]) -> torch.Tensor:
@@ -51,21 +51,22 @@ class SlotRef:
 class SharedSlots:
     """``per_worker`` buffers of ``samples`` 16-bit samples for each of ``workers`` DataLoader workers.
 
-    Each slot has a mark: 0 when free, ``-i`` while a worker of loader iteration ``i`` (:meth:`begin_iteration`)
-    writes a batch into it, ``i`` from when the batch is complete until the main process has copied it out. A
-    slot that holds a complete batch of an earlier iteration is free too: DataLoader drops what an iteration left
-    unread when the next begins. A batch that does not fit, or finds no free slot, goes the usual way.
+    Each slot has a mark: 0 when free, ``-i`` while a worker writes a batch of loader iteration ``i`` into it,
+    ``i`` from when the batch is complete until the main process has copied it out. A slot that holds a complete
+    batch of an earlier iteration is free too: DataLoader drops what an iteration left unread when the next
+    begins. A batch that does not fit, or finds no free slot, goes the usual way.
 
-    A worker still decoding a batch of an iteration left unfinished when the next begins marks it as the new
-    iteration's, and its slot stays taken until the iteration after (Lightning starts iterations over a loader
-    after it has finished the last one, or long after, as validation after its sanity check).
+    A batch's iteration is the one it was asked for in, not the one under way when it is decoded: a persistent
+    worker decodes what an abandoned iteration left in its queue after the next iteration began. A map-style
+    dataset gets it with its indices (:class:`TaggedBatches`), an iterable one as :attr:`iteration` when its
+    workers start (each iteration starts them anew).
     """
 
     def __init__(self, workers: int, per_worker: int, samples: int) -> None:
         self.samples = samples
         self.pcm = torch.empty((workers, per_worker, samples), dtype=torch.int16).share_memory_()
         self.marks = torch.zeros((workers, per_worker), dtype=torch.int64).share_memory_()
-        self.iteration = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.iteration = 0  # in the main process: the iteration under way; in a worker: as when it started
         # Marks change under a lock, which also orders them with the copies on any CPU.
         self.lock = multiprocessing.get_context().Lock()
         self._next = 0  # in a worker: the slot it tries first
@@ -73,19 +74,17 @@ class SharedSlots:
 
     def begin_iteration(self) -> None:
         """In the main process, before each iteration over the loader."""
-        with self.lock:
-            self.iteration += 1
+        self.iteration += 1
 
-    def buffer(self, lengths: Sequence[int]) -> torch.Tensor:
-        """Rows to decode into, zero beyond each length: a free slot in a worker where the batch fits, else
-        :func:`pcm_buffer`."""
+    def buffer(self, lengths: Sequence[int], iteration: int) -> torch.Tensor:
+        """Rows to decode into, zero beyond each length, for a batch of loader iteration ``iteration``: a free
+        slot in a worker where the batch fits, else :func:`pcm_buffer`."""
         info = get_worker_info()
         rows, columns = len(lengths), max(lengths, default=0)
         if info is None or rows * columns > self.samples:
             return pcm_buffer(lengths)
         marks, per_worker = self.marks.numpy()[info.id], self.marks.shape[1]
         with self.lock:
-            iteration = int(self.iteration)
             free = [k for k in range(per_worker) if 0 <= marks[k] < iteration]
             if not free:
                 return pcm_buffer(lengths)
@@ -130,11 +129,32 @@ class SharedSlots:
         marks = self.marks.numpy()
         with self.lock:
             if marks[ref.worker, ref.slot] != ref.iteration:
-                # Only a worker of a later iteration takes a slot whose batch is unread: two iterations at once.
+                # Only a batch of a later iteration takes a slot whose batch is unread: two iterations at once.
                 raise RuntimeError("a DataLoader batch was overwritten in shared memory: iterate over one loader "
                                    "at a time")
             marks[ref.worker, ref.slot] = 0
         return {**batch, "input_values": pcm}
+
+
+class Tagged(list):
+    """A batch's indices, and the loader iteration they were drawn in."""
+
+    def __init__(self, indices: Sequence[int], iteration: int) -> None:
+        super().__init__(indices)
+        self.iteration = iteration
+
+
+class TaggedBatches(Sampler[list[int]]):
+    """A batch sampler's batches tagged with :attr:`SharedSlots.iteration` (drawn in the main process)."""
+
+    def __init__(self, batches: Iterable[list[int]], slots: SharedSlots) -> None:
+        self.batches, self.slots = batches, slots
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Tagged]:
+        return (Tagged(indices, self.slots.iteration) for indices in self.batches)
 
 
 def shared_memory_free() -> int | None:
