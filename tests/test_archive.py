@@ -8,6 +8,7 @@ import io
 import sys
 import tarfile
 import threading
+import urllib.request
 from pathlib import Path
 
 import indexed_gzip
@@ -15,7 +16,7 @@ import pytest
 from torch.utils.data import DataLoader
 
 import asr.data.archive as archive_module
-from asr.data.archive import IndexedRegions, cut_regions, read_archive, read_members
+from asr.data.archive import IndexedRegions, cut_regions, read_archive, read_members, serves_ranges
 from asr.data.datamodule import _as_is
 from asr.data.dataset import Checks, StreamDataset, region_from_a_start, stream_shard_count, stream_shards
 from asr.data.librispeech import DataError, Problem, scan_directory
@@ -242,6 +243,25 @@ def test_an_archive_over_http_is_read_in_parts_by_byte_ranges(tmp_path, serve):
     with pytest.raises(DataError, match=r"train-clean-100\.tar\.gz: reading failed \(.*the server sent the whole "
                                         r"file for a range: it changed since it was opened"):
         list(wrapped)
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_asking_whether_a_server_serves_ranges_takes_one_request_for_one_byte(tmp_path, serve, monkeypatch, ranges):
+    www, url = serve
+    (www / "a.tar.gz").write_bytes(bytes(1 << 20))
+    monkeypatch.setattr(FolderHandler, "ranges", ranges)
+    answers = []
+    urlopen = urllib.request.urlopen
+
+    def counted(*args, **kwargs):
+        answers.append(urlopen(*args, **kwargs))
+        return answers[-1]
+
+    monkeypatch.setattr(urllib.request, "urlopen", counted)
+    assert serves_ranges(f"{url}/a.tar.gz") == ranges
+    assert len(answers) == 1 and answers[0].status == (206 if ranges else 200) and answers[0].closed
+    with pytest.raises(FileNotFoundError, match="cannot open .*missing.tar.gz: 404"):
+        serves_ranges(f"{url}/missing.tar.gz")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "zeroed", "header"])

@@ -50,9 +50,14 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
 
 
 def serves_ranges(url: str) -> bool:
-    stream, _ = open_location(url)
-    with stream:
-        return stream.seekable()
+    """Whether the server of ``url`` serves it by byte ranges: one request, for its first byte."""
+    try:
+        RangedHttpFile(url).close()
+    except RangeError:
+        return False
+    except urllib.error.URLError as err:
+        raise FileNotFoundError(f"cannot open {url}: {getattr(err, 'code', '')} {err.reason}") from err
+    return True
 
 
 def open_location(location: str) -> tuple[BinaryIO, int | None]:
