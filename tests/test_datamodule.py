@@ -47,6 +47,8 @@ def test_loader_options_reach_every_dataloader(demo_root, tokenizer, tmp_path):
                                pin_memory=False), stage=None)
     loaders = [dm.train_dataloader(), *dm.val_dataloader(), *dm.test_dataloader()]
     assert [(d.num_workers, d.prefetch_factor, d.pin_memory) for d in loaders] == [(1, 5, False)] * 3
+    alone = ready(make_datamodule(demo_root, tokenizer, manifest_dir=str(tmp_path), num_workers=0, prefetch_factor=5))
+    assert alone.train_dataloader().prefetch_factor is None  # nothing to prefetch without workers
     assert ready(make_datamodule(demo_root, tokenizer, manifest_dir=str(tmp_path))).train_dataloader().pin_memory \
         == torch.cuda.is_available()
 

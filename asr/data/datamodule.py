@@ -254,7 +254,9 @@ class SpeechDataModule(L.LightningDataModule):
         return self._train_loader
 
     def _loader_options(self) -> dict:
-        return dict(num_workers=self.num_workers, pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor)
+        # Without workers nothing is prefetched, and DataLoader refuses a prefetch_factor.
+        prefetch_factor = self.prefetch_factor if self.num_workers > 0 else None
+        return dict(num_workers=self.num_workers, pin_memory=self.pin_memory, prefetch_factor=prefetch_factor)
 
     def _slots(self, utterances: list[Utterance] | None, batch_size: int | None,
                max_batch_seconds: float | None) -> SharedSlots | None:
