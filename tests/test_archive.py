@@ -246,7 +246,7 @@ def test_an_archive_over_http_is_read_in_parts_by_byte_ranges(tmp_path, serve):
 
 
 @pytest.mark.parametrize("ranges", [True, False])
-def test_asking_whether_a_server_serves_ranges_takes_one_request_for_one_byte(tmp_path, serve, monkeypatch, ranges):
+def test_asking_whether_a_server_serves_ranges_takes_one_request(tmp_path, serve, monkeypatch, ranges):
     www, url = serve
     (www / "a.tar.gz").write_bytes(bytes(1 << 20))
     monkeypatch.setattr(FolderHandler, "ranges", ranges)
@@ -259,6 +259,7 @@ def test_asking_whether_a_server_serves_ranges_takes_one_request_for_one_byte(tm
 
     monkeypatch.setattr(urllib.request, "urlopen", counted)
     assert serves_ranges(f"{url}/a.tar.gz") == ranges
+    assert FolderHandler.starts == ([0] if ranges else [])
     assert len(answers) == 1 and answers[0].status == (206 if ranges else 200) and answers[0].closed
     with pytest.raises(FileNotFoundError, match="cannot open .*missing.tar.gz: 404"):
         serves_ranges(f"{url}/missing.tar.gz")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import asr.data.transfer as transfer
-from asr.data.dataset import decode_batch
+from asr.data.datamodule import SpeechLoader
+from asr.data.dataset import Checks, SpeechDataset, StreamDataset, decode_batch
 from asr.data.librispeech import DataError
 from asr.data.transfer import SharedSlots, SlotRef, TaggedBatches
 from tests.conftest import write_flac
@@ -92,14 +93,13 @@ def test_an_earlier_iterations_unread_batch_is_freed_but_not_one_being_written(i
         slots.receive(abandoned)
 
 
-def test_a_batch_asked_for_by_an_abandoned_iteration_does_not_hold_its_slot_into_the_next(in_worker):
-    """A persistent worker decodes the batches an abandoned iteration left in its queue after the next began."""
-    slots = SharedSlots(workers=2, per_worker=2, samples=12)
-    for _ in range(2):
-        slots.send(batch_of(slots.buffer([4], 1)))  # decoded after iteration 2 began, dropped by DataLoader
-    fresh = [slots.send(batch_of(slots.buffer([4], 2))) for _ in range(2)]
-    assert all(isinstance(batch["input_values"], SlotRef) for batch in fresh)
-    assert slots.marks[1].tolist() == [2, 2]
+def test_a_lock_left_held_by_a_killed_process_is_an_error_not_a_hang(in_worker, monkeypatch):
+    slots = SharedSlots(workers=2, per_worker=1, samples=12)
+    sent = slots.send(batch_of(slots.buffer([4], 1)))
+    monkeypatch.setattr(transfer, "LOCK_WAIT", 0.1)
+    slots.lock.acquire()  # as by a worker killed inside a critical section
+    with pytest.raises(RuntimeError, match="was not released in 0.1 s"):
+        slots.receive(sent)
 
 
 def test_batches_are_tagged_with_the_iteration_they_are_drawn_in():
@@ -107,8 +107,10 @@ def test_batches_are_tagged_with_the_iteration_they_are_drawn_in():
     batches = TaggedBatches([[0, 1], [2]], slots)
     slots.begin_iteration()
     first = iter(batches)
-    assert len(batches) == 2 and next(first) == [0, 1]
+    drawn = next(first)
+    assert len(batches) == 2 and drawn == [0, 1] and drawn.iteration == 1
     slots.begin_iteration()
+    assert next(first).iteration == 2  # tagged when drawn (DataLoader draws after the iteration began)
     tagged = list(batches)
     assert tagged == [[0, 1], [2]] and [t.iteration for t in tagged] == [2, 2]
     assert pickle.loads(pickle.dumps(tagged[1])).iteration == 2  # as a worker's index queue carries it
@@ -196,6 +198,10 @@ def test_a_training_stream_without_a_manifest_has_slots_as_large_as_max_duration
     dm = ready(make_datamodule(root, tokenizer, max_duration=1.5, **options))
     loader = dm.train_dataloader()
     assert loader.slots.samples == 3 * 24_000
+    by_budget = {**options, "batch_size": None, "max_batch_seconds": 1.5, "max_duration": 5.0}
+    assert ready(make_datamodule(root, tokenizer, **by_budget)).train_dataloader().slots.samples == 24_000
+    evaluated = {**options, "val_splits": ["train-clean-100"], "eval_batch_size": 3}  # no manifest: no bound
+    assert ready(make_datamodule(root, tokenizer, max_duration=1.5, **evaluated)).val_dataloader()[0].slots is None
     with monkeypatch.context() as without_slots:
         without_slots.setattr(dm, "_slots", lambda *args: None)
         expected = drain(dm, dm.train_dataloader())
@@ -217,6 +223,16 @@ def test_resampled_batches_at_the_budget_fit_their_slots(tmp_path, tokenizer, re
     batches = drain(dm, dm.train_dataloader())
     assert [pcm.shape for _, pcm in batches] == [(2, 7984)] * 2
     assert refs == [True, True]
+
+
+def test_a_loader_refuses_slots_it_could_not_tag_with_their_iteration(tmp_path, tokenizer):
+    slots = SharedSlots(workers=2, per_worker=1, samples=4)
+    with pytest.raises(ValueError, match="need each batch's loader iteration"):
+        SpeechLoader(SpeechDataset([], Checks(tokenizer), slots=slots), batch_size=None, num_workers=2)
+    stream = StreamDataset([], Checks(tokenizer), batch_size=2, slots=slots)
+    with pytest.raises(ValueError, match="need each batch's loader iteration"):
+        SpeechLoader(stream, batch_size=None, num_workers=2, persistent_workers=True)
+    assert SpeechLoader(stream, batch_size=None, num_workers=2).slots is slots
 
 
 def test_without_room_in_shared_memory_batches_go_the_usual_way(tmp_path, tokenizer, monkeypatch, caplog):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from asr.data import hf
 from asr.data.archive import IndexedRegions, is_archive
@@ -30,6 +30,10 @@ def _as_is(batch: dict) -> dict:
     return batch
 
 
+def _longest(utterances: list[Utterance]) -> float:
+    return max((u.duration for u in utterances), default=0.0)
+
+
 class SpeechLoader(DataLoader):
     """A DataLoader that copies its workers' batches out of their shared slots (:mod:`asr.data.transfer`), and
     whose training passes start where the DataModule says (``position``): Lightning tells the epoch only to plain
@@ -41,6 +45,9 @@ class SpeechLoader(DataLoader):
         self.resumable = dataset if batch_sampler is None else batch_sampler
         if self.slots is not None and batch_sampler is not None:
             batch_sampler = TaggedBatches(batch_sampler, self.slots)
+        elif self.slots is not None and (not isinstance(dataset, IterableDataset) or kwargs.get("persistent_workers")):
+            raise ValueError("shared batch slots need each batch's loader iteration: from a batch sampler, or from "
+                             "workers started anew for each iteration (an iterable dataset without persistent_workers)")
         super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
         self.position = position
 
@@ -247,7 +254,7 @@ class SpeechDataModule(L.LightningDataModule):
                 [u.duration for u in utterances], self.batch_size, self.max_batch_seconds,
                 shuffle=True, seed=self.seed, rank=rank, world_size=world, drop_uneven=True,
             )
-            slots = self._slots(utterances, self.batch_size, self.max_batch_seconds)
+            slots = self._slots(_longest(utterances), self.batch_size, self.max_batch_seconds)
             self._train_loader = SpeechLoader(SpeechDataset(utterances, self.checks, self.on_error, slots),
                                               batch_sampler=sampler, collate_fn=_as_is,
                                               persistent_workers=self.num_workers > 0, **options)
@@ -258,16 +265,12 @@ class SpeechDataModule(L.LightningDataModule):
         prefetch_factor = self.prefetch_factor if self.num_workers > 0 else None
         return dict(num_workers=self.num_workers, pin_memory=self.pin_memory, prefetch_factor=prefetch_factor)
 
-    def _slots(self, utterances: list[Utterance] | None, batch_size: int | None,
+    def _slots(self, longest: float | None, batch_size: int | None,
                max_batch_seconds: float | None) -> SharedSlots | None:
-        """Shared slots for the workers' batches, each as large as the largest batch of ``utterances`` can be (of
-        a training stream without a manifest, ``utterances=None``: of utterances up to ``data.max_duration``): a
-        slot for each batch a worker may have in flight (``prefetch_factor``) and one more, the main process's
-        copy."""
-        if utterances is not None:
-            longest = max((u.duration for u in utterances), default=0.0)
-        else:
-            longest = self.checks.max_duration
+        """Shared slots for the workers' batches, each as large as a batch can be with utterances of up to
+        ``longest`` seconds (None: unknown): a slot for each batch a worker may have in flight
+        (``prefetch_factor``) and one more, the main process's copy. (A stream's last busy worker may be asked for
+        more batches than that, which then go the usual way.)"""
         if batch_size is not None:
             seconds = None if longest is None else batch_size * longest
         else:
@@ -285,6 +288,10 @@ class SpeechDataModule(L.LightningDataModule):
             return None
         return SharedSlots(self.num_workers, per_worker, samples)
 
+    def _longest_trained(self) -> float | None:
+        """The longest utterance training keeps, by its limits (for a stream without a manifest)."""
+        return min((s for s in (self.checks.max_duration, self.max_batch_seconds) if s is not None), default=None)
+
     def _train_stream(self, rank: int, world: int) -> StreamDataset:
         """With a manifest, each shard's utterances are known: indexed archives are read by region (this rank's
         shards' regions go to the dataset), and the batches per epoch are counted from the leanest shard."""
@@ -299,7 +306,8 @@ class SpeechDataModule(L.LightningDataModule):
             self.on_error, self.batch_size, self.max_batch_seconds, self.shuffle_buffer, self.seed, rank, world,
             self.batches_per_epoch or self._stream_batches(shards, workers), self._regions(shards, rank, workers),
             counted=self.batches_per_epoch is None,
-            slots=self._slots(utterances, self.batch_size, self.max_batch_seconds),
+            slots=self._slots(self._longest_trained() if utterances is None else _longest(utterances),
+                              self.batch_size, self.max_batch_seconds),
         )
 
     def _regions(self, shards: list[list[Utterance]], rank: int, workers: int) -> dict[str, IndexedRegions]:
@@ -331,7 +339,8 @@ class SpeechDataModule(L.LightningDataModule):
                 if scanned:
                     shards = stream_shards(self._utterances[split], world * workers, self._index_files)
                     regions = self._regions(shards, rank, workers)
-                slots = self._slots(self._utterances.get(split), batch_size, self.eval_max_batch_seconds)
+                longest = _longest(self._utterances[split]) if scanned else None
+                slots = self._slots(longest, batch_size, self.eval_max_batch_seconds)
                 dataset = StreamDataset(self.locations(split), self.checks, self.on_error, batch_size,
                                         self.eval_max_batch_seconds, self.shuffle_buffer, rank=rank,
                                         world_size=world, indexed=regions, counted=scanned, slots=slots)
@@ -342,7 +351,7 @@ class SpeechDataModule(L.LightningDataModule):
                 [u.duration for u in utterances], batch_size, self.eval_max_batch_seconds,
                 shuffle=False, rank=rank, world_size=world, drop_uneven=False,
             )
-            slots = self._slots(utterances, batch_size, self.eval_max_batch_seconds)
+            slots = self._slots(_longest(utterances), batch_size, self.eval_max_batch_seconds)
             dataset = SpeechDataset(utterances, self.checks, self.on_error, slots)
             loaders.append(SpeechLoader(dataset, batch_sampler=sampler, collate_fn=_as_is,
                                       persistent_workers=self.num_workers > 0, **options))

@@ -12,11 +12,14 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler, get_worker_info
+
+LOCK_WAIT = 60.0  # seconds
 
 
 def pcm_buffer(lengths: Sequence[int]) -> torch.Tensor:
@@ -72,6 +75,17 @@ class SharedSlots:
         self._next = 0  # in a worker: the slot it tries first
         self._taken: tuple[int, int, torch.Tensor] | None = None  # in a worker: (slot, iteration, its batch)
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        # Held for microseconds: one that is not released was held by a process killed meanwhile.
+        if not self.lock.acquire(timeout=LOCK_WAIT):
+            raise RuntimeError(f"the lock of the DataLoader's shared batch slots was not released in {LOCK_WAIT} s: "
+                               "a process was killed while it held it")
+        try:
+            yield
+        finally:
+            self.lock.release()
+
     def begin_iteration(self) -> None:
         """In the main process, before each iteration over the loader."""
         self.iteration += 1
@@ -84,7 +98,7 @@ class SharedSlots:
         if info is None or rows * columns > self.samples:
             return pcm_buffer(lengths)
         marks, per_worker = self.marks.numpy()[info.id], self.marks.shape[1]
-        with self.lock:
+        with self._locked():
             free = [k for k in range(per_worker) if 0 <= marks[k] < iteration]
             if not free:
                 return pcm_buffer(lengths)
@@ -92,8 +106,8 @@ class SharedSlots:
             marks[slot] = -iteration
         self._next = (slot + 1) % per_worker
         pcm = self.pcm[info.id, slot, : rows * columns].view(rows, columns)
-        _zero_padding(pcm, lengths)
         self._taken = (slot, iteration, pcm)
+        _zero_padding(pcm, lengths)
         return pcm
 
     def send(self, batch: dict) -> dict:
@@ -107,14 +121,14 @@ class SharedSlots:
             return batch
         self._taken = None
         worker = get_worker_info().id
-        with self.lock:
+        with self._locked():
             self.marks.numpy()[worker, slot] = iteration
         return {**batch, "input_values": SlotRef(worker, slot, iteration, *pcm.shape)}
 
     def drop(self) -> None:
         """In a worker: frees the slot :meth:`buffer` handed out, for a batch that will not be sent from it."""
         if self._taken is not None:
-            with self.lock:
+            with self._locked():
                 self.marks.numpy()[get_worker_info().id, self._taken[0]] = 0
             self._taken = None
 
@@ -127,7 +141,7 @@ class SharedSlots:
         pcm = torch.empty((ref.rows, ref.columns), dtype=torch.int16, pin_memory=pin)
         np.copyto(pcm.numpy().reshape(-1), self.pcm[ref.worker, ref.slot, : ref.rows * ref.columns].numpy())
         marks = self.marks.numpy()
-        with self.lock:
+        with self._locked():
             if marks[ref.worker, ref.slot] != ref.iteration:
                 # Only a batch of a later iteration takes a slot whose batch is unread: two iterations at once.
                 raise RuntimeError("a DataLoader batch was overwritten in shared memory: iterate over one loader "
