@@ -10,7 +10,7 @@ def test_bench_command_reports_throughput_and_padding(demo_root, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "asr.data.bench", "--workers", "0,1,2", "--seconds", "1", "--rounds", "1",
          "--synthetic-hours", "5", "--long-files", "6", "--synthetic-batch-seconds", "30", "--archive-shards", "2",
-         "--json", str(out),
+         "--archive-http", "--json", str(out),
          "experiment=demo", f"data.root={demo_root}", "data.demo_corpus=null"],
         capture_output=True, text=True, timeout=300,
     )
@@ -36,6 +36,9 @@ def test_bench_command_reports_throughput_and_padding(demo_root, tmp_path):
     archive = report["loader"]["archive"]
     assert archive["members"] > 100 and archive["shards"] == 2 and archive["shard"] == 1
     assert archive["streamed"]["audio_s_per_s"] > 0 and archive["by_region"]["audio_s_per_s"] > 0
+    http = archive["over_http"]
+    assert http["members"] == archive["members"]  # the scan over HTTP found every member
+    assert http["streamed"]["audio_s_per_s"] > 0 and http["by_region"]["audio_s_per_s"] > 0
     synthetic = report["padding"]["synthetic"]
     assert 4.9 < synthetic["hours"] < 5.1 and 12 < 3600 * synthetic["hours"] / synthetic["utterances"] < 13.5
     assert synthetic["sampler"] >= 0.97 and synthetic["stream_buffer"] >= 0.97

@@ -15,7 +15,7 @@ The ``key=value`` overrides are the training config's (default ``experiment=demo
   ``--synthetic-batch-seconds``;
 - with ``--archive-shards N``: the time one stream shard of N takes to read its members from a ``.tar.gz`` of the
   train split, streamed (every shard inflates the whole archive) against read by region through the gzip index
-  of the manifest scan;
+  of the manifest scan; with ``--archive-http`` too, the same from a server of byte ranges on 127.0.0.1;
 - padding efficiency (real samples / padded samples) of this project's batches (the sampler, and the stream's
   buffer bucketing) against fixed-size random batches and transformers' ``LengthGroupedSampler`` with the same
   mean batch size, on the configured train split's durations and on a synthetic 100-hour LibriSpeech-like set.
@@ -24,6 +24,8 @@ The ``key=value`` overrides are the training config's (default ``experiment=demo
 from __future__ import annotations
 
 import argparse
+import functools
+import http.server
 import itertools
 import json
 import logging
@@ -214,34 +216,99 @@ def model_inputs_cost(datamodule, batches: int = 20) -> float:
     return 1000 * (time.perf_counter() - start) / sum(sum(b["lengths"]) / 16_000 for b in loaded)
 
 
-def archive_reading(folder: str, shards: int, tmp: Path) -> dict:
+class _RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """A folder's files, a single byte range at a time ("bytes=N-" or "bytes=N-M"), as OpenSLR's server sends them."""
+
+    length: int | None = None  # of the range being sent
+
+    def send_head(self):
+        self.length = None
+        path = Path(self.translate_path(self.path))
+        first, dash, last = self.headers.get("Range", "").removeprefix("bytes=").partition("-")
+        if not (dash and first.isdigit() and path.is_file()):
+            return super().send_head()
+        stat = path.stat()
+        start, end = int(first), min(int(last) if last else stat.st_size - 1, stat.st_size - 1)
+        source = open(path, "rb")  # closed by the handler, after copyfile
+        source.seek(start)
+        self.send_response(206)
+        self.send_header("ETag", f'"{stat.st_size}-{stat.st_mtime_ns}"')
+        self.send_header("Content-Range", f"bytes {start}-{end}/{stat.st_size}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.end_headers()
+        self.length = end - start + 1
+        return source
+
+    def copyfile(self, source, outputfile) -> None:
+        left = self.length
+        while left is None or left > 0:
+            chunk = source.read(1 << 20 if left is None else min(left, 1 << 20))
+            if not chunk:
+                return
+            outputfile.write(chunk)
+            left = None if left is None else left - len(chunk)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a reader that seeks elsewhere drops its response
+            super().handle_error(request, client_address)
+
+
+def _serve(folder: str, port) -> None:
+    server = _QuietServer(("127.0.0.1", 0), functools.partial(_RangeHandler, directory=folder))
+    port.put(server.server_address[1])
+    server.serve_forever()
+
+
+def _timed(records) -> dict:
+    start, audio = time.perf_counter(), 0.0
+    for record in records:
+        if not isinstance(record, Problem):
+            audio += record[0].duration
+    elapsed = time.perf_counter() - start
+    return {"seconds": round(elapsed, 2), "audio_s_per_s": round(audio / elapsed, 1)}
+
+
+def archive_reading(folder: str, shards: int, tmp: Path, over_http: bool = False) -> dict:
     """Seconds for the middle stream shard of ``shards`` to get its members' bytes out of a ``.tar.gz`` of the split
-    ``folder`` (gzip level 6, as OpenSLR's): streamed, and by region through the index of a manifest scan."""
+    ``folder`` (gzip level 6, as OpenSLR's): streamed, and by region through the index of a manifest scan; with
+    ``over_http``, also from a server of byte ranges on 127.0.0.1 (in a process of its own)."""
     archive = tmp / "split.tar.gz"
     start = time.perf_counter()
     with tarfile.open(archive, "w:gz", compresslevel=6) as tar:
         tar.add(folder, arcname=f"LibriSpeech/{Path(folder).name}")
     packed = time.perf_counter() - start
-    start = time.perf_counter()
-    manifest = load_manifest(str(archive), tmp / "manifest.json")
-    scanned = time.perf_counter() - start
     shard = shards // 2
-    region = cut_regions(manifest.utterances, shards)[shard]
 
-    def timed(records) -> dict:
-        start, audio = time.perf_counter(), 0.0
-        for record in records:
-            if not isinstance(record, Problem):
-                audio += record[0].duration
-        elapsed = time.perf_counter() - start
-        return {"seconds": round(elapsed, 2), "audio_s_per_s": round(audio / elapsed, 1)}
+    def timings(location: str, name: str) -> dict:
+        start = time.perf_counter()
+        manifest = load_manifest(location, tmp / name)
+        scanned = time.perf_counter() - start
+        streamed = _timed(read_archive(location, shard, shards))
+        by_region = _timed(read_members(location, manifest.index_file,
+                                        cut_regions(manifest.utterances, shards)[shard]))
+        return {"members": len(manifest.utterances), "scan_and_index_seconds": round(scanned, 1),
+                "streamed": streamed, "by_region": by_region,
+                "speedup": round(streamed["seconds"] / by_region["seconds"], 2)}
 
-    streamed = timed(read_archive(str(archive), shard, shards))
-    by_region = timed(read_members(str(archive), manifest.index_file, region))
-    return {"archive_mb": round(archive.stat().st_size / 1e6, 1), "members": len(manifest.utterances),
-            "pack_seconds": round(packed, 1), "scan_and_index_seconds": round(scanned, 1),
-            "shards": shards, "shard": shard, "streamed": streamed, "by_region": by_region,
-            "speedup": round(streamed["seconds"] / by_region["seconds"], 2)}
+    result = {"archive_mb": round(archive.stat().st_size / 1e6, 1), "pack_seconds": round(packed, 1),
+              "shards": shards, "shard": shard, **timings(str(archive), "manifest.json")}
+    if over_http:
+        context = multiprocessing.get_context("fork")
+        port = context.Queue()
+        server = context.Process(target=_serve, args=(str(tmp), port), daemon=True)
+        server.start()
+        try:
+            url = f"http://127.0.0.1:{port.get(timeout=30)}/{archive.name}"
+            result["over_http"] = timings(url, "manifest-http.json")
+        finally:
+            server.terminate()
+            server.join()
+    return result
 
 
 def train_data(overrides: list[str]):
@@ -292,7 +359,7 @@ def throughput(datamodule, utterances: list[Utterance], workers: list[int], seco
 
 
 def run(overrides: list[str], workers: list[int], seconds: float, rounds: int, synthetic_hours: float,
-        synthetic_batch_seconds: float, long_files: int, archive_shards: int = 0) -> dict:
+        synthetic_batch_seconds: float, long_files: int, archive_shards: int = 0, archive_http: bool = False) -> dict:
     overrides = overrides or ["experiment=demo"]
     datamodule, utterances = train_data(overrides)
     loader = {"corpus": throughput(datamodule, utterances, workers, seconds, rounds)}
@@ -310,7 +377,7 @@ def run(overrides: list[str], workers: list[int], seconds: float, rounds: int, s
             folders = {location for split in datamodule.train_splits for location in datamodule.locations(split)}
             if len(folders) != 1 or not Path(next(iter(folders))).is_dir():
                 raise SystemExit(f"--archive-shards packs one train split folder; the train splits are {folders}")
-            loader["archive"] = archive_reading(folders.pop(), archive_shards, Path(tmp))
+            loader["archive"] = archive_reading(folders.pop(), archive_shards, Path(tmp), archive_http)
     budget = datamodule.max_batch_seconds or synthetic_batch_seconds
     return {
         "corpus": {"splits": datamodule.train_splits, "root": str(datamodule.root)},
@@ -335,11 +402,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="FLAC files of LibriSpeech-like durations to time the loader on (0: none)")
     parser.add_argument("--archive-shards", type=int, default=0,
                         help="time a stream shard of this many reading a .tar.gz of the train split (0: not)")
+    parser.add_argument("--archive-http", action="store_true",
+                        help="with --archive-shards, also read the archive from a local HTTP server of byte ranges")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     results = run(overrides, [int(n) for n in args.workers.split(",")], args.seconds, args.rounds, args.synthetic_hours,
-                  args.synthetic_batch_seconds, args.long_files, args.archive_shards)
+                  args.synthetic_batch_seconds, args.long_files, args.archive_shards, args.archive_http)
     text = json.dumps(results, indent=1)
     if args.json:
         args.json.write_text(text)
