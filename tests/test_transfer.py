@@ -38,7 +38,7 @@ def test_a_batch_goes_through_a_slot_and_frees_it(in_worker):
     sent = slots.send(batch_of(pcm))
     ref = sent["input_values"]
     assert isinstance(ref, SlotRef) and (ref.worker, ref.rows, ref.columns) == (1, 2, 5) and sent["ids"] == ["a"]
-    assert slots.marks[1, ref.slot] == ref.iteration == 1
+    assert slots.marks[1, ref.slot] == 1 and ref.write == 1
     received = slots.receive(sent)["input_values"]
     assert received.tolist() == [[1, 2, 3, 0, 0], [0, 1, 2, 3, 4]]
     assert slots.marks.eq(0).all()
@@ -91,6 +91,18 @@ def test_an_earlier_iterations_unread_batch_is_freed_but_not_one_being_written(i
     assert slots.marks[1].tolist() == [-2, -1, -2]
     with pytest.raises(RuntimeError, match="overwritten in shared memory"):
         slots.receive(abandoned)
+
+
+def test_a_batch_is_not_read_from_a_slot_rewritten_since_even_by_its_own_iteration(in_worker):
+    """Two live iterations at once: a later one's batch takes the slot, is read, and a worker of the first
+    writes the slot again; the first batch is then gone, though the slot's mark is its iteration's again."""
+    slots = SharedSlots(workers=2, per_worker=1, samples=12)
+    first = slots.send(batch_of(slots.buffer([4], 1)))
+    slots.receive(slots.send(batch_of(slots.buffer([4], 2))))
+    slots.send(batch_of(slots.buffer([4], 1)))
+    assert slots.marks[1, 0] == 1
+    with pytest.raises(RuntimeError, match="overwritten in shared memory"):
+        slots.receive(first)
 
 
 def test_a_lock_left_held_by_a_killed_process_is_an_error_not_a_hang(in_worker, monkeypatch):

@@ -41,12 +41,12 @@ def _zero_padding(pcm: torch.Tensor, lengths: Sequence[int]) -> None:
 
 @dataclass(frozen=True)
 class SlotRef:
-    """Where a worker left a batch's PCM: ``rows x columns`` samples at the start of its slot, written in the
-    loader iteration ``iteration``."""
+    """Where a worker left a batch's PCM: ``rows x columns`` samples at the start of its slot, the slot's
+    ``write``-th batch."""
 
     worker: int
     slot: int
-    iteration: int
+    write: int
     rows: int
     columns: int
 
@@ -57,7 +57,9 @@ class SharedSlots:
     Each slot has a mark: 0 when free, ``-i`` while a worker writes a batch of loader iteration ``i`` into it,
     ``i`` from when the batch is complete until the main process has copied it out. A slot that holds a complete
     batch of an earlier iteration is free too: DataLoader drops what an iteration left unread when the next
-    begins. A batch that does not fit, or finds no free slot, goes the usual way.
+    begins. A batch that does not fit, or finds no free slot, goes the usual way. Each slot also counts the batches
+    written into it, and a batch's :class:`SlotRef` carries its number: the main process refuses a batch whose slot
+    was taken again since.
 
     A batch's iteration is the one it was asked for in, not the one under way when it is decoded: a persistent
     worker decodes what an abandoned iteration left in its queue after the next iteration began. A map-style
@@ -69,11 +71,13 @@ class SharedSlots:
         self.samples = samples
         self.pcm = torch.empty((workers, per_worker, samples), dtype=torch.int16).share_memory_()
         self.marks = torch.zeros((workers, per_worker), dtype=torch.int64).share_memory_()
+        self.writes = torch.zeros((workers, per_worker), dtype=torch.int64).share_memory_()  # batches per slot
         self.iteration = 0  # in the main process: the iteration under way; in a worker: as when it started
         # Marks change under a lock, which also orders them with the copies on any CPU.
         self.lock = multiprocessing.get_context().Lock()
         self._next = 0  # in a worker: the slot it tries first
-        self._taken: tuple[int, int, torch.Tensor] | None = None  # in a worker: (slot, iteration, its batch)
+        # in a worker: (slot, iteration, write, its batch)
+        self._taken: tuple[int, int, int, torch.Tensor] | None = None
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -104,9 +108,12 @@ class SharedSlots:
                 return pcm_buffer(lengths)
             slot = min(free, key=lambda k: (k - self._next) % per_worker)
             marks[slot] = -iteration
+            writes = self.writes.numpy()[info.id]
+            writes[slot] += 1
+            write = int(writes[slot])
         self._next = (slot + 1) % per_worker
         pcm = self.pcm[info.id, slot, : rows * columns].view(rows, columns)
-        self._taken = (slot, iteration, pcm)
+        self._taken = (slot, iteration, write, pcm)
         _zero_padding(pcm, lengths)
         return pcm
 
@@ -115,7 +122,7 @@ class SharedSlots:
         slot's (a batch that lost utterances to decoding errors is a copy, and the slot is freed)."""
         if self._taken is None:
             return batch
-        slot, iteration, pcm = self._taken
+        slot, iteration, write, pcm = self._taken
         if batch["input_values"] is not pcm:
             self.drop()
             return batch
@@ -123,7 +130,7 @@ class SharedSlots:
         worker = get_worker_info().id
         with self._locked():
             self.marks.numpy()[worker, slot] = iteration
-        return {**batch, "input_values": SlotRef(worker, slot, iteration, *pcm.shape)}
+        return {**batch, "input_values": SlotRef(worker, slot, write, *pcm.shape)}
 
     def drop(self) -> None:
         """In a worker: frees the slot :meth:`buffer` handed out, for a batch that will not be sent from it."""
@@ -142,7 +149,7 @@ class SharedSlots:
         np.copyto(pcm.numpy().reshape(-1), self.pcm[ref.worker, ref.slot, : ref.rows * ref.columns].numpy())
         marks = self.marks.numpy()
         with self._locked():
-            if marks[ref.worker, ref.slot] != ref.iteration:
+            if self.writes.numpy()[ref.worker, ref.slot] != ref.write:
                 # Only a batch of a later iteration takes a slot whose batch is unread: two iterations at once.
                 raise RuntimeError("a DataLoader batch was overwritten in shared memory: iterate over one loader "
                                    "at a time")
