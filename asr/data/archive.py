@@ -49,6 +49,10 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
         Path(partial).unlink(missing_ok=True)
 
 
+def _cannot_open(url: str, err: urllib.error.URLError) -> FileNotFoundError:
+    return FileNotFoundError(f"cannot open {url}: {getattr(err, 'code', '')} {err.reason}")
+
+
 def serves_ranges(url: str) -> bool:
     """Whether the server of ``url`` serves it by byte ranges: one request, for its first byte."""
     try:
@@ -56,7 +60,7 @@ def serves_ranges(url: str) -> bool:
     except RangeError:
         return False
     except urllib.error.URLError as err:
-        raise FileNotFoundError(f"cannot open {url}: {getattr(err, 'code', '')} {err.reason}") from err
+        raise _cannot_open(url, err) from err
     return True
 
 
@@ -75,7 +79,7 @@ def open_location(location: str) -> tuple[BinaryIO, int | None]:
             response = urllib.request.urlopen(location, timeout=60)
             return response, response.length
     except urllib.error.URLError as err:
-        raise FileNotFoundError(f"cannot open {location}: {getattr(err, 'code', '')} {err.reason}") from err
+        raise _cannot_open(location, err) from err
 
 
 class _Counting:

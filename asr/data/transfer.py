@@ -150,7 +150,7 @@ class SharedSlots:
         marks = self.marks.numpy()
         with self._locked():
             if self.writes.numpy()[ref.worker, ref.slot] != ref.write:
-                # Only a batch of a later iteration takes a slot whose batch is unread: two iterations at once.
+                # Only another iteration's batch takes a slot whose batch is unread: two iterations at once.
                 raise RuntimeError("a DataLoader batch was overwritten in shared memory: iterate over one loader "
                                    "at a time")
             marks[ref.worker, ref.slot] = 0
