@@ -39,7 +39,7 @@ def test_batches_from_the_demo_corpus(demo_root, tokenizer, tmp_path):
     assert batch["input_values"][k, lengths[k]:].abs().sum() == 0
     assert tokenizer.decode(batch["labels"][0][: batch["label_lengths"][0]].tolist()) == batch["texts"][0]
     assert batch["skipped"] == []
-    assert sum(len(b) for b in dm.val_dataloader()[0].batch_sampler) == len(dm._utterances["dev"])
+    assert sum(len(b["ids"]) for b in dm.val_dataloader()[0]) == len(dm._utterances["dev"])
 
 
 def test_loader_options_reach_every_dataloader(demo_root, tokenizer, tmp_path):

@@ -156,7 +156,7 @@ def test_workers_get_the_opened_split_without_its_audio_or_loading_it_again(hf_f
     assert flac(audio["84-121-0003"]) not in blob  # the memory-mapped table goes by file name
     with monkeypatch.context() as patch:
         patch.setattr(hf, "open_split", lambda location: pytest.fail(f"opened {location} again"))
-        batch = pickle.loads(blob).__getitems__([0, 3])
+        batch = pickle.loads(blob).batch([0, 3])
     for k, utt_id in enumerate(batch["ids"]):
         np.testing.assert_array_equal(batch["input_values"][k, : batch["lengths"][k]].numpy(), audio[utt_id])
 
@@ -177,4 +177,4 @@ def test_a_manifest_row_that_holds_another_utterance_is_an_error(hf_folder, toke
     utterances, _ = hf.scan(hf.location(str(folder), "dev-clean"))
     stale = dataclasses.replace(utterances[1], index=utterances[2].index)  # as a hand-edited or stale manifest
     with pytest.raises(DataError, match=r"validation\.clean:84-121-0001: row 2 of the split is '84-121-0002'"):
-        SpeechDataset([stale], Checks(tokenizer)).__getitems__([0])
+        SpeechDataset([stale], Checks(tokenizer)).batch([0])

@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from asr.data.datamodule import SpeechLoader
 from asr.data.dataset import Checks, SpeechDataset, model_inputs, pcm_buffer
 from asr.data.librispeech import DataError, Problem, apply_policy, locate, parts, scan_directory
 from tests.conftest import write_flac
@@ -192,8 +193,8 @@ def test_batches_from_a_worker_equal_batches_made_in_process(tmp_path, tokenizer
     dataset = SpeechDataset([by_id[i] for batch in order for i in batch], Checks(tokenizer))
     sampler = [[0, 1], [2, 3]]
     assert max(u.num_samples for u in dataset.utterances[2:]) < max(u.num_samples for u in dataset.utterances[:2])
-    in_process = [dataset.__getitems__(indices) for indices in sampler]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=lambda b: b, num_workers=1)
+    in_process = [dataset.batch(indices) for indices in sampler]
+    loader = SpeechLoader(dataset, batch_sampler=sampler, collate_fn=lambda b: b, num_workers=1)
     for made, sent in zip(in_process, loader, strict=True):
         assert sent["ids"] == made["ids"] and sent["lengths"] == made["lengths"]
         torch.testing.assert_close(sent["input_values"], made["input_values"], rtol=0, atol=0)

@@ -14,7 +14,7 @@ import asr.data.transfer as transfer
 from asr.data.datamodule import SpeechLoader
 from asr.data.dataset import Checks, SpeechDataset, StreamDataset, decode_batch
 from asr.data.librispeech import DataError
-from asr.data.transfer import SharedSlots, SlotRef, TaggedBatches
+from asr.data.transfer import SharedSlots, SlotRef, Tasks
 from tests.conftest import write_flac
 from tests.test_archive import big_archive
 from tests.test_datamodule import Recorder, make_datamodule, ready
@@ -114,18 +114,21 @@ def test_a_lock_left_held_by_a_killed_process_is_an_error_not_a_hang(in_worker, 
         slots.receive(sent)
 
 
-def test_batches_are_tagged_with_the_iteration_they_are_drawn_in():
+def test_tasks_group_batches_and_are_tagged_with_the_iteration_they_are_drawn_in():
     slots = SharedSlots(workers=1, per_worker=1, samples=4)
-    batches = TaggedBatches([[0, 1], [2]], slots)
+    tasks = Tasks([[0, 1], [2], [3, 4], [5]], slots, group=3)
     slots.begin_iteration()
-    first = iter(batches)
+    first = iter(tasks)
     drawn = next(first)
-    assert len(batches) == 2 and drawn == [0, 1] and drawn.iteration == 1
+    assert len(tasks) == 2 and drawn == [[0, 1], [2], [3, 4]] and drawn.iteration == 1
     slots.begin_iteration()
     assert next(first).iteration == 2  # tagged when drawn (DataLoader draws after the iteration began)
-    tagged = list(batches)
-    assert tagged == [[0, 1], [2]] and [t.iteration for t in tagged] == [2, 2]
+    tagged = list(tasks)
+    assert tagged == [[[0, 1], [2], [3, 4]], [[5]]] and [t.iteration for t in tagged] == [2, 2]
     assert pickle.loads(pickle.dumps(tagged[1])).iteration == 2  # as a worker's index queue carries it
+    assert list(Tasks([[0], [1]], None)) == [[[0]], [[1]]] and next(iter(Tasks([[0]], None))).iteration == 0
+    with pytest.raises(ValueError, match="at least one batch"):
+        Tasks([[0]], slots, group=0)
 
 
 @pytest.fixture
@@ -148,9 +151,10 @@ def drain(dm, loader):
                                                                         for b in loader)]
 
 
-@pytest.mark.parametrize("source", ["folder", "archive"])
+@pytest.mark.parametrize(("source", "task_seconds"), [("folder", None), ("folder", 6.0), ("archive", 6.0)])
 def test_workers_send_through_slots_the_batches_they_would_send_the_usual_way(tmp_path, tokenizer, source,
-                                                                               monkeypatch, refs):
+                                                                               task_seconds, monkeypatch, refs):
+    """With a batch per task, and with tasks of 4 batches (archive streams send batches one by one)."""
     built, _ = big_archive(tmp_path)
     root = tmp_path
     if source == "archive":
@@ -159,7 +163,7 @@ def test_workers_send_through_slots_the_batches_they_would_send_the_usual_way(tm
         Path(built).rename(root / "train-clean-100.tar.gz")
     dm = ready(make_datamodule(root, tokenizer, train_splits=["train-clean-100"], val_splits=["train-clean-100"],
                                test_splits=[], max_batch_seconds=1.5, eval_batch_size=3, min_samples=100, seed=5,
-                               num_workers=2))
+                               num_workers=2, task_seconds=task_seconds))
     for make in (dm.train_dataloader, lambda: dm.val_dataloader()[0]):
         with monkeypatch.context() as without_slots:
             without_slots.setattr(dm, "_slots", lambda *args: None)
@@ -179,14 +183,34 @@ def test_workers_send_through_slots_the_batches_they_would_send_the_usual_way(tm
             assert np.all(loader.slots.marks.numpy() >= 0)
             assert all(refs)  # no slot left held by an abandoned iteration
 
-def test_lightning_gets_the_same_batches_through_slots_as_without_workers(tmp_path, tokenizer, refs):
-    """Two epochs with validation, after Lightning's sanity check has left a validation iteration unfinished."""
+def test_tasks_of_several_batches_yield_the_batches_of_one_per_task_and_resume_mid_epoch(tmp_path, tokenizer):
+    big_archive(tmp_path)
+    options = dict(train_splits=["train-clean-100"], val_splits=["train-clean-100"], test_splits=[],
+                   max_batch_seconds=1.5, eval_batch_size=3, min_samples=100, seed=5)
+    alone = ready(make_datamodule(tmp_path, tokenizer, num_workers=0, task_seconds=4.5, **options))
+    grouped = ready(make_datamodule(tmp_path, tokenizer, num_workers=2, task_seconds=4.5, **options))
+    assert alone.train_dataloader().batch_sampler.group == 1  # no workers: nothing to spread
+    loader = grouped.train_dataloader()
+    assert loader.batch_sampler.group == 3 and len(loader) == len(alone.train_dataloader()) > 20
+    expected = [ids for ids, _ in drain(alone, alone.train_dataloader())]
+    assert [ids for ids, _ in drain(grouped, loader)] == expected
+    grouped.load_state_dict({"epoch": 0, "batches": 7})  # a run resumed after 7 batches, mid-task
+    assert [b["ids"] for b in loader] == expected[7:]
+    val = grouped.val_dataloader()[0]
+    assert val.batch_sampler.group > 1
+    assert [b["ids"] for b in val] == [b["ids"] for b in alone.val_dataloader()[0]]
+
+
+@pytest.mark.parametrize("task_seconds", [None, 4.5])
+def test_lightning_gets_the_same_batches_through_slots_as_without_workers(tmp_path, tokenizer, refs, task_seconds):
+    """Two epochs with validation, after Lightning's sanity check has left a validation iteration unfinished; with
+    a batch per task, and with tasks of 3."""
     big_archive(tmp_path)
 
     def seen(workers):
         dm = make_datamodule(tmp_path, tokenizer, train_splits=["train-clean-100"], val_splits=["train-clean-100"],
                              test_splits=[], max_batch_seconds=1.5, eval_batch_size=3, min_samples=100, seed=5,
-                             num_workers=workers)
+                             num_workers=workers, task_seconds=task_seconds)
         model = Recorder()
         L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
@@ -252,10 +276,10 @@ def test_without_room_in_shared_memory_batches_go_the_usual_way(tmp_path, tokeni
 
     big_archive(tmp_path)
     dm = ready(make_datamodule(tmp_path, tokenizer, train_splits=["train-clean-100"], val_splits=[], test_splits=[],
-                               max_batch_seconds=1.5, min_samples=100, num_workers=2))
-    assert dm.train_dataloader().slots.pcm.numel() == 2 * 3 * 24_000
-    monkeypatch.setattr(datamodule, "shared_memory_free", lambda: 200_000)
+                               max_batch_seconds=1.5, min_samples=100, num_workers=2, task_seconds=3))
+    assert dm.train_dataloader().slots.pcm.numel() == 2 * 3 * 2 * 24_000  # workers, tasks, batches per task
+    monkeypatch.setattr(datamodule, "shared_memory_free", lambda: 400_000)
     loader = dm.train_dataloader()
     assert loader.slots is None
-    assert "(0.3 MB) would take over half of the 0.2 MB free in /dev/shm" in caplog.text
+    assert "(0.6 MB) would take over half of the 0.4 MB free in /dev/shm" in caplog.text
     assert len(drain(dm, loader)) == len(loader)

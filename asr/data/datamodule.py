@@ -21,7 +21,7 @@ from asr.data.demo import DemoCorpusConfig, build_demo_corpus
 from asr.data.librispeech import DataError, Problem, Utterance, apply_policy, locate, parts
 from asr.data.manifest import Manifest, load_manifest
 from asr.data.text import CharTokenizer
-from asr.data.transfer import SharedSlots, TaggedBatches, shared_memory_free
+from asr.data.transfer import SharedSlots, Tasks, shared_memory_free
 
 log = logging.getLogger(__name__)
 
@@ -35,29 +35,36 @@ def _longest(utterances: list[Utterance]) -> float:
 
 
 class SpeechLoader(DataLoader):
-    """A DataLoader that copies its workers' batches out of their shared slots (:mod:`asr.data.transfer`), and
-    whose training passes start where the DataModule says (``position``): Lightning tells the epoch only to plain
-    samplers, and a resumed run must skip the batches it has already trained on."""
+    """A DataLoader whose workers get a map-style dataset's batches ``group`` to a task (:class:`Tasks`), and
+    send their audio through shared slots (:mod:`asr.data.transfer`); it yields batch by batch. Its training
+    passes start where the DataModule says (``position``): Lightning tells the epoch only to plain samplers,
+    and a resumed run must skip the batches it has already trained on."""
 
-    def __init__(self, dataset: Dataset, *, batch_sampler: Sampler | None = None,
+    def __init__(self, dataset: Dataset, *, batch_sampler: Sampler | None = None, group: int = 1,
                  position: Callable[[], tuple[int, int]] | None = None, **kwargs) -> None:
         self.slots: SharedSlots | None = getattr(dataset, "slots", None)
         self.resumable = dataset if batch_sampler is None else batch_sampler
-        if self.slots is not None and batch_sampler is not None:
-            batch_sampler = TaggedBatches(batch_sampler, self.slots)
+        if batch_sampler is not None:
+            batch_sampler = Tasks(batch_sampler, self.slots, group)
         elif self.slots is not None and (not isinstance(dataset, IterableDataset) or kwargs.get("persistent_workers")):
             raise ValueError("shared batch slots need each batch's loader iteration: from a batch sampler, or from "
                              "workers started anew for each iteration (an iterable dataset without persistent_workers)")
         super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
         self.position = position
 
+    def __len__(self) -> int:
+        return len(self.resumable) if isinstance(self.batch_sampler, Tasks) else super().__len__()
+
     def __iter__(self) -> Iterator:
         if self.position is not None:
             self.resumable.set_epoch(*self.position())
-        if self.slots is None:
-            return super().__iter__()
-        self.slots.begin_iteration()
+        if self.slots is not None:
+            self.slots.begin_iteration()
         batches = super().__iter__()
+        if isinstance(self.batch_sampler, Tasks):
+            batches = (batch for task in batches for batch in task)
+        if self.slots is None:
+            return batches
         pin = self.pin_memory and torch.accelerator.is_available()  # as DataLoader decides
         return (self.slots.receive(batch, pin) for batch in batches)
 
@@ -79,6 +86,7 @@ class SpeechDataModule(L.LightningDataModule):
         num_workers: int = 4,
         pin_memory: bool | None = None,
         prefetch_factor: int | None = None,
+        task_seconds: float | None = 60.0,
         seed: int = 0,
         on_error: str = "skip",
         resample: bool = False,
@@ -106,6 +114,7 @@ class SpeechDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor
+        self.task_seconds = task_seconds
         self.seed = seed
         self.on_error = on_error
         self.archive_url = archive_url
@@ -254,9 +263,10 @@ class SpeechDataModule(L.LightningDataModule):
                 [u.duration for u in utterances], self.batch_size, self.max_batch_seconds,
                 shuffle=True, seed=self.seed, rank=rank, world_size=world, drop_uneven=True,
             )
-            slots = self._slots(_longest(utterances), self.batch_size, self.max_batch_seconds)
+            group = self._group(utterances, self.batch_size, self.max_batch_seconds)
+            slots = self._slots(_longest(utterances), self.batch_size, self.max_batch_seconds, group)
             self._train_loader = SpeechLoader(SpeechDataset(utterances, self.checks, self.on_error, slots),
-                                              batch_sampler=sampler, collate_fn=_as_is,
+                                              batch_sampler=sampler, group=group, collate_fn=_as_is,
                                               persistent_workers=self.num_workers > 0, **options)
         return self._train_loader
 
@@ -265,19 +275,30 @@ class SpeechDataModule(L.LightningDataModule):
         prefetch_factor = self.prefetch_factor if self.num_workers > 0 else None
         return dict(num_workers=self.num_workers, pin_memory=self.pin_memory, prefetch_factor=prefetch_factor)
 
-    def _slots(self, longest: float | None, batch_size: int | None,
-               max_batch_seconds: float | None) -> SharedSlots | None:
+    def _group(self, utterances: list[Utterance], batch_size: int | None, max_batch_seconds: float | None) -> int:
+        """Batches per worker task: as many as hold ``task_seconds`` of audio (at least one)."""
+        if self.num_workers == 0 or not self.task_seconds or not utterances:
+            return 1
+        if batch_size is None:
+            seconds = max_batch_seconds
+        else:
+            seconds = batch_size * sum(u.duration for u in utterances) / len(utterances)
+        return max(1, int(self.task_seconds / seconds))
+
+    def _slots(self, longest: float | None, batch_size: int | None, max_batch_seconds: float | None,
+               group: int = 1) -> SharedSlots | None:
         """Shared slots for the workers' batches, each as large as a batch can be with utterances of up to
-        ``longest`` seconds (None: unknown): a slot for each batch a worker may have in flight
-        (``prefetch_factor``) and one more, the main process's copy. (A stream's last busy worker may be asked for
-        more batches than that, which then go the usual way.)"""
+        ``longest`` seconds (None: unknown): a slot for each batch of the tasks a worker may have in flight
+        (``prefetch_factor`` tasks of ``group`` batches) and of one more, the task the main process takes its
+        batches from. (A stream's last busy worker may be asked for more batches than that, which then go the
+        usual way.)"""
         if batch_size is not None:
             seconds = None if longest is None else batch_size * longest
         else:
             seconds = max(max_batch_seconds, longest or 0.0)
         if self.num_workers == 0 or seconds is None:
             return None
-        per_worker = (self.prefetch_factor or 2) + 1
+        per_worker = ((self.prefetch_factor or 2) + 1) * group
         samples = math.ceil(seconds * self.checks.sample_rate)
         if self.checks.resample:  # a resampled row may be a sample longer than its duration says
             samples += math.ceil(samples / max(1, self.checks.min_samples))
@@ -351,10 +372,11 @@ class SpeechDataModule(L.LightningDataModule):
                 [u.duration for u in utterances], batch_size, self.eval_max_batch_seconds,
                 shuffle=False, rank=rank, world_size=world, drop_uneven=False,
             )
-            slots = self._slots(_longest(utterances), batch_size, self.eval_max_batch_seconds)
+            group = self._group(utterances, batch_size, self.eval_max_batch_seconds)
+            slots = self._slots(_longest(utterances), batch_size, self.eval_max_batch_seconds, group)
             dataset = SpeechDataset(utterances, self.checks, self.on_error, slots)
-            loaders.append(SpeechLoader(dataset, batch_sampler=sampler, collate_fn=_as_is,
-                                      persistent_workers=self.num_workers > 0, **options))
+            loaders.append(SpeechLoader(dataset, batch_sampler=sampler, group=group, collate_fn=_as_is,
+                                        persistent_workers=self.num_workers > 0, **options))
         return loaders
 
     def val_dataloader(self) -> list[DataLoader]:

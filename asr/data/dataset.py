@@ -22,7 +22,7 @@ from asr.data.archive import IndexedRegions, cut_regions, read_archive, read_mem
 from asr.data.batching import bucket_stream
 from asr.data.librispeech import SAMPLE_RATE, DataError, Problem, Utterance
 from asr.data.text import CharTokenizer, canonical, normalize
-from asr.data.transfer import SharedSlots, pcm_buffer
+from asr.data.transfer import SharedSlots, Task, pcm_buffer
 
 
 @dataclass(frozen=True)
@@ -176,8 +176,7 @@ def decode_batch(checks: Checks, records: Sequence[tuple[Utterance, str | Binary
 
 class SpeechDataset(Dataset):
     """Utterances in audio files, by index (batches come from a :class:`DurationBatchSampler`); in DataLoader
-    workers decoded into ``slots`` where given (:mod:`asr.data.transfer`), for batches tagged with their
-    iteration (:class:`~asr.data.transfer.Tagged`)."""
+    workers decoded into ``slots`` where given (:mod:`asr.data.transfer`)."""
 
     def __init__(self, utterances: Sequence[Utterance], checks: Checks, on_error: str = "skip",
                  slots: SharedSlots | None = None) -> None:
@@ -193,14 +192,18 @@ class SpeechDataset(Dataset):
         return len(self.utterances)
 
     def __getitem__(self, index: int) -> dict:
-        return self.__getitems__([index])
+        return self.batch([index])
 
-    def __getitems__(self, indices: list[int]) -> dict:
-        """A whole batch: the DataLoader hands the batch sampler's indices here (with their iteration for the
-        slots: :class:`~asr.data.transfer.Tagged`), and its ``collate_fn`` passes the batch on as is."""
+    def __getitems__(self, task: Task) -> list[dict]:
+        """The batches of a task (:class:`~asr.data.transfer.Tasks`): the DataLoader hands them here, and its
+        ``collate_fn`` passes them on as they are."""
+        return [self.batch(indices, task.iteration) for indices in task]
+
+    def batch(self, indices: Sequence[int], iteration: int = 0) -> dict:
+        """The utterances at ``indices`` as a batch of loader iteration ``iteration``."""
         utterances = [self.utterances[i] for i in indices]
         return decode_batch(self.checks, [(u, self._source(u)) for u in utterances], self.on_error, self.slots,
-                            getattr(indices, "iteration", 0))
+                            iteration)
 
     def _source(self, utt: Utterance) -> str | BinaryIO:
         return hf.audio(self.hf_splits[utt.path], utt) if utt.path in self.hf_splits else utt.path
