@@ -277,9 +277,14 @@ def test_without_room_in_shared_memory_batches_go_the_usual_way(tmp_path, tokeni
     big_archive(tmp_path)
     dm = ready(make_datamodule(tmp_path, tokenizer, train_splits=["train-clean-100"], val_splits=[], test_splits=[],
                                max_batch_seconds=1.5, min_samples=100, num_workers=2, task_seconds=3))
-    assert dm.train_dataloader().slots.pcm.numel() == 2 * 3 * 2 * 24_000  # workers, tasks, batches per task
+    loader = dm.train_dataloader()
+    assert loader.batch_sampler.group == 2
+    assert loader.slots.pcm.numel() == 2 * 3 * 2 * 24_000  # workers, tasks, batches per task
+    monkeypatch.setattr(datamodule, "shared_memory_free", lambda: 700_000)  # room for tasks of 1 batch, not 2
+    loader = dm.train_dataloader()
+    assert loader.batch_sampler.group == 1 and loader.slots.pcm.numel() == 2 * 3 * 24_000 and not caplog.text
     monkeypatch.setattr(datamodule, "shared_memory_free", lambda: 400_000)
     loader = dm.train_dataloader()
     assert loader.slots is None
-    assert "(0.6 MB) would take over half of the 0.4 MB free in /dev/shm" in caplog.text
+    assert "(0.3 MB) would take over half of the 0.4 MB free in /dev/shm" in caplog.text
     assert len(drain(dm, loader)) == len(loader)

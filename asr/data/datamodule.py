@@ -276,38 +276,57 @@ class SpeechDataModule(L.LightningDataModule):
         return dict(num_workers=self.num_workers, pin_memory=self.pin_memory, prefetch_factor=prefetch_factor)
 
     def _group(self, utterances: list[Utterance], batch_size: int | None, max_batch_seconds: float | None) -> int:
-        """Batches per worker task: as many as hold ``task_seconds`` of audio (at least one)."""
+        """Batches per worker task: as many as hold ``task_seconds`` of audio (at least one), and no more than
+        their slots leave room for in ``/dev/shm`` (see :meth:`_slots`)."""
         if self.num_workers == 0 or not self.task_seconds or not utterances:
             return 1
         if batch_size is None:
             seconds = max_batch_seconds
         else:
             seconds = batch_size * sum(u.duration for u in utterances) / len(utterances)
-        return max(1, int(self.task_seconds / seconds))
+        group = max(1, int(self.task_seconds / seconds))
+        samples, free = self._slot_samples(_longest(utterances), batch_size, max_batch_seconds), shared_memory_free()
+        if samples is not None and free is not None:  # smaller tasks rather than no slots
+            group = max(1, min(group, int(free / 2 / self._slot_bytes(samples, 1))))
+        return group
 
-    def _slots(self, longest: float | None, batch_size: int | None, max_batch_seconds: float | None,
-               group: int = 1) -> SharedSlots | None:
-        """Shared slots for the workers' batches, each as large as a batch can be with utterances of up to
-        ``longest`` seconds (None: unknown): a slot for each batch of the tasks a worker may have in flight
-        (``prefetch_factor`` tasks of ``group`` batches) and of one more, the task the main process takes its
-        batches from. (A stream's last busy worker may be asked for more batches than that, which then go the
-        usual way.)"""
+    def _slot_samples(self, longest: float | None, batch_size: int | None,
+                      max_batch_seconds: float | None) -> int | None:
+        """A slot's samples: as many as a batch can hold with utterances of up to ``longest`` seconds (None:
+        unknown, and no slots)."""
         if batch_size is not None:
             seconds = None if longest is None else batch_size * longest
         else:
             seconds = max(max_batch_seconds, longest or 0.0)
-        if self.num_workers == 0 or seconds is None:
+        if seconds is None:
             return None
-        per_worker = ((self.prefetch_factor or 2) + 1) * group
         samples = math.ceil(seconds * self.checks.sample_rate)
         if self.checks.resample:  # a resampled row may be a sample longer than its duration says
             samples += math.ceil(samples / max(1, self.checks.min_samples))
-        size, free = self.num_workers * per_worker * samples * 2, shared_memory_free()
+        return samples
+
+    def _slots_per_worker(self, group: int) -> int:
+        """A slot for each batch of the tasks a worker may have in flight (``prefetch_factor`` tasks of ``group``
+        batches) and of one more, the task the main process takes its batches from."""
+        return ((self.prefetch_factor or 2) + 1) * group
+
+    def _slot_bytes(self, samples: int, group: int) -> int:
+        return self.num_workers * self._slots_per_worker(group) * samples * 2
+
+    def _slots(self, longest: float | None, batch_size: int | None, max_batch_seconds: float | None,
+               group: int = 1) -> SharedSlots | None:
+        """Shared slots for the workers' batches (:meth:`_slot_samples`, :meth:`_slots_per_worker`), unless they
+        would take over half of the free space in ``/dev/shm``. (A stream's last busy worker may be asked for more
+        batches than it has slots for, which then go the usual way.)"""
+        samples = self._slot_samples(longest, batch_size, max_batch_seconds)
+        if self.num_workers == 0 or samples is None:
+            return None
+        size, free = self._slot_bytes(samples, group), shared_memory_free()
         if free is not None and size > free / 2:
             log.warning("batches go from DataLoader workers the usual way: their shared slots (%.1f MB) would take "
                         "over half of the %.1f MB free in /dev/shm", size / 1e6, free / 1e6)
             return None
-        return SharedSlots(self.num_workers, per_worker, samples)
+        return SharedSlots(self.num_workers, self._slots_per_worker(group), samples)
 
     def _longest_trained(self) -> float | None:
         """The longest utterance training keeps, by its limits (for a stream without a manifest)."""

@@ -175,8 +175,9 @@ def decode_batch(checks: Checks, records: Sequence[tuple[Utterance, str | Binary
 
 
 class SpeechDataset(Dataset):
-    """Utterances in audio files, by index (batches come from a :class:`DurationBatchSampler`); in DataLoader
-    workers decoded into ``slots`` where given (:mod:`asr.data.transfer`)."""
+    """Utterances in audio files, by index: a :class:`DurationBatchSampler`'s batches, which a
+    :class:`~asr.data.datamodule.SpeechLoader` hands its workers in tasks; in DataLoader workers decoded into
+    ``slots`` where given (:mod:`asr.data.transfer`)."""
 
     def __init__(self, utterances: Sequence[Utterance], checks: Checks, on_error: str = "skip",
                  slots: SharedSlots | None = None) -> None:
@@ -196,7 +197,8 @@ class SpeechDataset(Dataset):
 
     def __getitems__(self, task: Task) -> list[dict]:
         """The batches of a task (:class:`~asr.data.transfer.Tasks`): the DataLoader hands them here, and its
-        ``collate_fn`` passes them on as they are."""
+        ``collate_fn`` passes them on as they are. (A batch that raises takes the task's earlier batches down with
+        it: their slots are freed when the next iteration begins.)"""
         return [self.batch(indices, task.iteration) for indices in task]
 
     def batch(self, indices: Sequence[int], iteration: int = 0) -> dict:
