@@ -5,7 +5,6 @@ import functools
 import gzip
 import http.server
 import io
-import sys
 import tarfile
 import threading
 import urllib.request
@@ -17,6 +16,7 @@ from torch.utils.data import DataLoader
 
 import asr.data.archive as archive_module
 from asr.data.archive import IndexedRegions, cut_regions, read_archive, read_members, serves_ranges
+from asr.data.bench import QuietServer
 from asr.data.datamodule import _as_is
 from asr.data.dataset import Checks, StreamDataset, region_from_a_start, stream_shard_count, stream_shards
 from asr.data.librispeech import DataError, Problem, scan_directory
@@ -65,12 +65,6 @@ class FolderHandler(http.server.SimpleHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
-
-
-class QuietServer(http.server.ThreadingHTTPServer):
-    def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], ConnectionError):  # a reader that stopped early closes its connection
-            super().handle_error(request, client_address)
 
 
 @pytest.fixture

@@ -199,6 +199,10 @@ def test_tasks_of_several_batches_yield_the_batches_of_one_per_task_and_resume_m
     val = grouped.val_dataloader()[0]
     assert val.batch_sampler.group > 1
     assert [b["ids"] for b in val] == [b["ids"] for b in alone.val_dataloader()[0]]
+    grouped.task_seconds = None
+    assert grouped.train_dataloader().batch_sampler.group == 1
+    with pytest.raises(ValueError, match="data.task_seconds must be positive"):
+        make_datamodule(tmp_path, tokenizer, task_seconds=0, **options)
 
 
 @pytest.mark.parametrize("task_seconds", [None, 4.5])

@@ -252,14 +252,16 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-class _QuietServer(http.server.ThreadingHTTPServer):
+class QuietServer(http.server.ThreadingHTTPServer):
+    """A threading HTTP server that does not print the connections its clients drop."""
+
     def handle_error(self, request, client_address) -> None:
         if not isinstance(sys.exc_info()[1], ConnectionError):  # a reader that seeks elsewhere drops its response
             super().handle_error(request, client_address)
 
 
 def _serve(folder: str, port) -> None:
-    server = _QuietServer(("127.0.0.1", 0), functools.partial(_RangeHandler, directory=folder))
+    server = QuietServer(("127.0.0.1", 0), functools.partial(_RangeHandler, directory=folder))
     port.put(server.server_address[1])
     server.serve_forever()
 

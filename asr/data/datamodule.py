@@ -103,6 +103,8 @@ class SpeechDataModule(L.LightningDataModule):
         super().__init__()
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', not {on_error!r}")
+        if task_seconds is not None and task_seconds <= 0:
+            raise ValueError(f"data.task_seconds must be positive (or null: a batch per task), not {task_seconds}")
         self.root = root
         self.train_splits, self.val_splits, self.test_splits = train_splits, val_splits, test_splits
         self.tokenizer = tokenizer
@@ -259,16 +261,22 @@ class SpeechDataModule(L.LightningDataModule):
                                               **options)
         else:
             utterances = [u for split in self.train_splits for u in self._train_utterances[split]]
-            sampler = DurationBatchSampler(
-                [u.duration for u in utterances], self.batch_size, self.max_batch_seconds,
-                shuffle=True, seed=self.seed, rank=rank, world_size=world, drop_uneven=True,
-            )
-            group = self._group(utterances, self.batch_size, self.max_batch_seconds)
-            slots = self._slots(_longest(utterances), self.batch_size, self.max_batch_seconds, group)
-            self._train_loader = SpeechLoader(SpeechDataset(utterances, self.checks, self.on_error, slots),
-                                              batch_sampler=sampler, group=group, collate_fn=_as_is,
-                                              persistent_workers=self.num_workers > 0, **options)
+            self._train_loader = self._folder_loader(utterances, self.batch_size, self.max_batch_seconds, True,
+                                                     options)
         return self._train_loader
+
+    def _folder_loader(self, utterances: list[Utterance], batch_size: int | None, max_batch_seconds: float | None,
+                       training: bool, options: dict) -> SpeechLoader:
+        """This rank's duration-bucketed batches of utterances in files (shuffled, and as many as every other
+        rank's, in training), handed to the workers in tasks of :meth:`_group` batches."""
+        rank, world = self._rank_and_world()
+        sampler = DurationBatchSampler([u.duration for u in utterances], batch_size, max_batch_seconds,
+                                       shuffle=training, seed=self.seed, rank=rank, world_size=world,
+                                       drop_uneven=training)
+        group = self._group(utterances, batch_size, max_batch_seconds)
+        slots = self._slots(_longest(utterances), batch_size, max_batch_seconds, group)
+        return SpeechLoader(SpeechDataset(utterances, self.checks, self.on_error, slots), batch_sampler=sampler,
+                            group=group, collate_fn=_as_is, persistent_workers=self.num_workers > 0, **options)
 
     def _loader_options(self) -> dict:
         # Without workers nothing is prefetched, and DataLoader refuses a prefetch_factor.
@@ -278,7 +286,7 @@ class SpeechDataModule(L.LightningDataModule):
     def _group(self, utterances: list[Utterance], batch_size: int | None, max_batch_seconds: float | None) -> int:
         """Batches per worker task: as many as hold ``task_seconds`` of audio (at least one), and no more than
         their slots leave room for in ``/dev/shm`` (see :meth:`_slots`)."""
-        if self.num_workers == 0 or not self.task_seconds or not utterances:
+        if self.num_workers == 0 or self.task_seconds is None or not utterances:
             return 1
         if batch_size is None:
             seconds = max_batch_seconds
@@ -385,17 +393,9 @@ class SpeechDataModule(L.LightningDataModule):
                                         self.eval_max_batch_seconds, self.shuffle_buffer, rank=rank,
                                         world_size=world, indexed=regions, counted=scanned, slots=slots)
                 loaders.append(SpeechLoader(dataset, batch_size=None, collate_fn=_as_is, **options))
-                continue
-            utterances = self._utterances[split]
-            sampler = DurationBatchSampler(
-                [u.duration for u in utterances], batch_size, self.eval_max_batch_seconds,
-                shuffle=False, rank=rank, world_size=world, drop_uneven=False,
-            )
-            group = self._group(utterances, batch_size, self.eval_max_batch_seconds)
-            slots = self._slots(_longest(utterances), batch_size, self.eval_max_batch_seconds, group)
-            dataset = SpeechDataset(utterances, self.checks, self.on_error, slots)
-            loaders.append(SpeechLoader(dataset, batch_sampler=sampler, group=group, collate_fn=_as_is,
-                                        persistent_workers=self.num_workers > 0, **options))
+            else:
+                loaders.append(self._folder_loader(self._utterances[split], batch_size, self.eval_max_batch_seconds,
+                                                   False, options))
         return loaders
 
     def val_dataloader(self) -> list[DataLoader]:
