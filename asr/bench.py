@@ -40,35 +40,20 @@ import numpy as np
 import soundfile as sf
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from asr.data.bench import train_clean_100_durations
+from asr.backbones import build_backbone, random_init
+from asr.builders import build_callbacks, build_datamodule, build_logger, build_model, build_tokenizer, build_trainer
 from asr.data.librispeech import SAMPLE_RATE
+from asr.data.sources.folder import FolderSource
+from asr.data.synthetic import train_clean_100_durations
 from asr.data.text import CharTokenizer, normalize
-from asr.model import architecture_overrides
 
 log = logging.getLogger(__name__)
 
 TRAIN, DEV, TEST = "train-clean-100", "dev-clean", "test-clean"
 CHARS_PER_SECOND = 14.5
-
-# The architectures of the pretrained encoders the model configs name, for random-init runs without the hub.
-_LARGE = {
-    "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
-    "conv_dim": [512] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2],
-    "feat_extract_norm": "layer", "do_stable_layer_norm": True, "num_conv_pos_embeddings": 128,
-    "num_conv_pos_embedding_groups": 16, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
-}
-ARCHITECTURES = {
-    "facebook/hubert-large-ll60k": {"model_type": "hubert", **_LARGE, "conv_bias": True,
-                                    "feat_proj_layer_norm": True},
-    "facebook/wav2vec2-large-lv60": {"model_type": "wav2vec2", **_LARGE, "conv_bias": True},
-    "microsoft/wavlm-large": {"model_type": "wavlm", **_LARGE, "conv_bias": False, "num_buckets": 320,
-                              "max_bucket_distance": 800},
-}
-
 
 # --------------------------------------------------------------------------------------------------- corpus
 
@@ -308,27 +293,6 @@ def flops_per_audio_second(backbone: torch.nn.Module, seconds: float, tokenizer:
 # ------------------------------------------------------------------------------------------------ the arms
 
 
-def random_init(model_cfg: DictConfig) -> str | None:
-    """Turn ``model.pretrained`` into a random init of its architecture (local config, else ARCHITECTURES)."""
-    pretrained = model_cfg.get("pretrained")
-    if not pretrained:
-        return None
-    arch = None
-    try:
-        from transformers import AutoConfig
-
-        arch = AutoConfig.from_pretrained(pretrained, local_files_only=True).to_diff_dict()
-    except Exception:  # noqa: BLE001 - not cached and no network: use the table
-        arch = ARCHITECTURES.get(pretrained)
-    if arch is None:
-        raise SystemExit(f"bench.random_init: {pretrained!r}: no local config, no entry in ARCHITECTURES")
-    arch = architecture_overrides(arch)
-    with open_dict(model_cfg):
-        model_cfg.pretrained = None
-        model_cfg.config = {**arch, **OmegaConf.to_container(model_cfg.config or {}, resolve=True)}
-    return pretrained
-
-
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -361,23 +325,19 @@ def _arm_settings(cfg: DictConfig) -> dict:
 
 def run_ours(cfg: DictConfig, corpus: Path, name: str, run_dir: Path, flops: dict) -> dict:
     """Our training path on the corpus with ``cfg``: SpeechDataModule, SpeechRecognizer, lightning.Trainer."""
-    from asr.model import SpeechRecognizer
-
     device = _device()
     with open_dict(cfg):
         cfg.data.root = str(corpus)
+        cfg.data.source = {"_target_": f"{FolderSource.__module__}.{FolderSource.__name__}", "root": str(corpus)}
         cfg.data.train_splits, cfg.data.val_splits, cfg.data.test_splits = [TRAIN], [DEV], [DEV]
         if device.type == "cpu" and str(cfg.trainer.precision).startswith("16"):
             cfg.trainer.precision = "32-true"  # no fp16 autocast on CPU
     settings = _arm_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    tokenizer = CharTokenizer()
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
+    tokenizer = build_tokenizer()
     with torch.device(device):  # random init on the GPU takes a fraction of the time it takes on the CPU
-        model: SpeechRecognizer = instantiate(
-            cfg.model, tokenizer=tokenizer, optimizer=instantiate(cfg.optimizer),
-            scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None, _convert_="all",
-        )
+        model = build_model(cfg, tokenizer)
+    datamodule = build_datamodule(cfg, tokenizer, model.input_facts)
     key = json.dumps(model.backbone.config.to_diff_dict(), sort_keys=True, default=str)
     if key not in flops:
         model.to(device)
@@ -385,12 +345,10 @@ def run_ours(cfg: DictConfig, corpus: Path, name: str, run_dir: Path, flops: dic
     bench = cfg.bench
     meter = Meter(bench.warmup_steps, bench.steps, device, bench.sync_debug, bench.profile_steps,
                   run_dir / f"profile-{name}.txt")
-    callbacks = [LightningMeter(meter)]
-    if bench.progress_bar and (cfg.get("callbacks") or {}).get("progress"):
-        callbacks.append(instantiate(cfg.callbacks.progress))
-    logger = instantiate(cfg.logger, name=f"csv-{name}") if bench.logger and cfg.get("logger") else False
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=logger, max_steps=meter.total_steps, max_epochs=-1,
+    callbacks = [LightningMeter(meter), *(build_callbacks(cfg, only=("progress",)) if bench.progress_bar else [])]
+    logger = build_logger(cfg, name=f"csv-{name}") if bench.logger else False
+    trainer = build_trainer(
+        cfg, callbacks=callbacks, logger=logger, max_steps=meter.total_steps, max_epochs=-1,
         max_time=None, limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
         enable_model_summary=False, fast_dev_run=False, enable_progress_bar=len(callbacks) > 1,
         default_root_dir=str(run_dir / name),
@@ -437,10 +395,8 @@ def run_hf_trainer(cfg: DictConfig, corpus: Path, run_dir: Path, flops: dict) ->
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from asr.model import build_backbone
-
     hf, bench, device = cfg.bench.hf, cfg.bench, _device()
-    tokenizer = CharTokenizer()
+    tokenizer = build_tokenizer()
     model_config = OmegaConf.to_container(cfg.model.config or {}, resolve=True)
     with torch.device(device):
         backbone = build_backbone(cfg.model.get("pretrained"), model_config, tokenizer,

@@ -13,7 +13,6 @@ the first ``evaluate.warmup_batches`` batches (timed between ``torch.cuda.synchr
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import time
@@ -23,18 +22,16 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from asr.data.librispeech import SAMPLE_RATE
+from asr.backbones import random_init
+from asr.builders import build_callbacks, build_datamodule, build_decoder, build_model, build_tokenizer, build_trainer
+from asr.checkpoint import load_recognizer
 from asr.data.text import CharTokenizer
-from asr.model import SpeechRecognizer, architecture_overrides
+from asr.model import SpeechRecognizer
 
 log = logging.getLogger(__name__)
-
-# Settings of how to run, not of what was trained: taken from the command line's config, not the checkpoint.
-RUNTIME_KEYS = ("attn_implementation", "packed", "compile", "compile_options", "device_specaugment")
 
 
 class EvalMeter(Callback):
@@ -42,6 +39,7 @@ class EvalMeter(Callback):
 
     def __init__(self, warmup_batches: int = 1) -> None:
         self.warmup_batches = warmup_batches
+        self.sample_rate = 0
         self.batches = 0
         self.utterances = 0
         self.audio = self.audio_after = None
@@ -52,6 +50,7 @@ class EvalMeter(Callback):
             torch.cuda.synchronize(pl_module.device)
 
     def on_test_start(self, trainer, pl_module) -> None:
+        self.sample_rate = pl_module.hparams.sample_rate
         self.audio = torch.zeros((), dtype=torch.long, device=pl_module.device)
         self.audio_after = torch.zeros_like(self.audio)
         self._sync(pl_module)
@@ -75,36 +74,24 @@ class EvalMeter(Callback):
         self.t1 = time.perf_counter()
 
     def result(self) -> dict:
-        audio = float(self.audio) / SAMPLE_RATE
+        audio = float(self.audio) / self.sample_rate
         out = {
             "audio_seconds": audio, "utterances": self.utterances, "batches": self.batches,
             "seconds": self.t1 - self.t0, "audio_seconds_per_second": audio / (self.t1 - self.t0),
         }
         if self.t_warm is not None and self.t1 > self.t_warm and self.batches > self.warmup_batches:
-            out["audio_seconds_per_second_after_warmup"] = float(self.audio_after) / SAMPLE_RATE / (
+            out["audio_seconds_per_second_after_warmup"] = float(self.audio_after) / self.sample_rate / (
                 self.t1 - self.t_warm)
         return out
 
 
 def load_model(cfg: DictConfig, tokenizer: CharTokenizer, splits: list[str]) -> SpeechRecognizer:
     """The model of ``ckpt_path`` (architecture and weights from the checkpoint) or of ``cfg.model``."""
-    runtime = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k in RUNTIME_KEYS}
-    common = {"tokenizer": tokenizer, "optimizer": None, "val_splits": [], "test_splits": splits}
     if not cfg.get("ckpt_path"):
-        return instantiate(cfg.model, **common, _convert_="all")
-    path = Path(cfg.ckpt_path).expanduser()
-    if not path.is_file():
-        raise SystemExit(f"ckpt_path={cfg.ckpt_path}: no such file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    accepted = inspect.signature(SpeechRecognizer.__init__).parameters
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k in accepted}
-    if "backbone_config" in checkpoint:
-        hparams["pretrained"] = None
-        hparams["config"] = architecture_overrides(checkpoint["backbone_config"])
-    model = SpeechRecognizer(**{**hparams, **runtime, **common})
-    model.load_state_dict(checkpoint["state_dict"])
-    log.info("Loaded %s (global step %s)", path, checkpoint.get("global_step"))
-    return model
+        return build_model(cfg, tokenizer, optimizer=None, val_splits=[], test_splits=splits)
+    runtime = OmegaConf.to_container(cfg.model, resolve=True)
+    return load_recognizer(cfg.ckpt_path, tokenizer, build_decoder(cfg, tokenizer), runtime, val_splits=[],
+                           test_splits=splits)
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -116,20 +103,16 @@ def evaluate(cfg: DictConfig) -> dict:
         if not torch.cuda.is_available() and str(cfg.trainer.precision).startswith("16"):
             cfg.trainer.precision = "32-true"  # no fp16 autocast on CPU
     if cfg.evaluate.random_init and not cfg.get("ckpt_path"):
-        from asr.bench import random_init
-
         random_init(cfg.model)
     L.seed_everything(cfg.seed, workers=True)
-    tokenizer = CharTokenizer()
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
+    tokenizer = build_tokenizer()
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = load_model(cfg, tokenizer, splits)
+    datamodule = build_datamodule(cfg, tokenizer, model.input_facts)
     meter = EvalMeter(cfg.evaluate.warmup_batches)
-    callbacks = [meter]
-    if cfg.evaluate.progress_bar and (cfg.get("callbacks") or {}).get("progress"):
-        callbacks.append(instantiate(cfg.callbacks.progress))
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False,
+    callbacks = [meter, *(build_callbacks(cfg, only=("progress",)) if cfg.evaluate.progress_bar else [])]
+    trainer = build_trainer(
+        cfg, callbacks=callbacks, logger=False, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=len(callbacks) > 1, fast_dev_run=False,
         default_root_dir=str(run_dir),
     )

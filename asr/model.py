@@ -13,49 +13,25 @@ from lightning.pytorch.callbacks import Timer
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import CharErrorRate, WordErrorRate
-from transformers import AutoConfig, AutoModelForCTC, PreTrainedModel
 
 from asr import speedups
-from asr.data.librispeech import SAMPLE_RATE
+from asr.backbones import build_backbone, input_facts
 from asr.data.text import CharTokenizer
+from asr.decoding import Decoder, GreedyDecoder
 
 log = logging.getLogger(__name__)
 # The model's on_before_batch_transfer (host-side packing) is meant to run with any DataModule.
 warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `Lightning")
 
 
-def build_backbone(
-    pretrained: str | None, config: dict, tokenizer: CharTokenizer, attn_implementation: str | None = None
-) -> PreTrainedModel:
-    """Load ``pretrained`` (hub id or local folder) with ``config`` as overrides, or random-init from ``config``.
-
-    The CTC head is sized from the tokenizer, and its blank is the tokenizer's pad id. ``attn_implementation``
-    (``sdpa``, ``eager``, ...) is transformers' choice when null.
-    """
-    config = dict(config)
-    model_type = config.pop("model_type", None)
-    ctc = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_id}
-    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    if pretrained:
-        return AutoModelForCTC.from_pretrained(pretrained, **config, **ctc, **attention)
-    if model_type is None:
-        raise ValueError("model.config.model_type is required when model.pretrained is null")
-    return AutoModelForCTC.from_config(AutoConfig.for_model(model_type, **config, **ctc), **attention)
-
-
-def architecture_overrides(config: dict) -> dict:
-    """A saved backbone config (``to_diff_dict``) as ``model.config``, to rebuild the same architecture."""
-    dropped = ("vocab_size", "pad_token_id", "architectures", "transformers_version", "_name_or_path",
-               "torch_dtype", "dtype", "id2label", "label2id")
-    return {k: v for k, v in config.items() if k not in dropped}
-
-
 class SpeechRecognizer(L.LightningModule):
     def __init__(
         self,
         tokenizer: CharTokenizer,
-        optimizer: Callable[..., torch.optim.Optimizer],
+        optimizer: Callable[..., torch.optim.Optimizer] | None,
+        decoder: Decoder | None = None,
         pretrained: str | None = None,
+        sample_rate: int = 16_000,
         config: dict | None = None,
         freeze_feature_encoder: bool = True,
         freeze_feature_encoder_after: int | None = None,
@@ -70,7 +46,10 @@ class SpeechRecognizer(L.LightningModule):
         compile: str | None = None,
         compile_options: dict | None = None,
     ) -> None:
-        """The speed switches (see asr/speedups.py; none changes what is computed, up to the random masks):
+        """``optimizer`` and ``scheduler`` are factories (``_partial_``), None to evaluate only; ``decoder`` turns
+        logits into text for the WER (greedy when not given). ``sample_rate`` is what the encoder takes.
+
+        The speed switches (see asr/speedups.py; none changes what is computed, up to the random masks):
 
         - ``device_specaugment``: SpecAugment masks drawn on the device and applied without boolean indexing,
           so a training step does not wait for the GPU to build them (they also never fall on padding);
@@ -85,8 +64,9 @@ class SpeechRecognizer(L.LightningModule):
           in place, with ``compile_options`` when fitting or testing starts.
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["tokenizer", "optimizer", "scheduler", "decoder"])
         self.tokenizer = tokenizer
+        self.decoder = decoder or GreedyDecoder(tokenizer)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         if packed:
@@ -113,6 +93,11 @@ class SpeechRecognizer(L.LightningModule):
                 for name, metric in (("wer", WordErrorRate), ("cer", CharErrorRate), ("loss", MeanMetric))
             }
         )
+
+    @property
+    def input_facts(self) -> dict:
+        """The sample rate, receptive field (samples) and frame rate of the encoder (asr.backbones.input_facts)."""
+        return input_facts(self.backbone.config, self.hparams.sample_rate)
 
     def _freeze_feature_encoder(self) -> None:
         self.backbone.freeze_feature_encoder()
@@ -200,7 +185,7 @@ class SpeechRecognizer(L.LightningModule):
         # Utterances with more labels than frames give an infinite CTC loss, zeroed above; count them.
         too_short = (lengths < batch["label_lengths"]).sum().float()
         self.log("train/infeasible_utterances", too_short, on_step=False, on_epoch=True, reduce_fx="sum")
-        self.log("train/audio_seconds", batch["attention_mask"].sum().float() / SAMPLE_RATE,
+        self.log("train/audio_seconds", batch["attention_mask"].sum().float() / self.hparams.sample_rate,
                  on_step=False, on_epoch=True, reduce_fx="sum")
         return loss
 
@@ -247,7 +232,7 @@ class SpeechRecognizer(L.LightningModule):
         logits, lengths = self(batch["input_values"], batch["attention_mask"], batch.get("packing"))
         loss = self.ctc_loss(logits, lengths, batch)
         self.metrics[f"{stage}_{split}_loss"].update(loss, weight=len(batch["ids"]))
-        hypotheses = self.tokenizer.batch_ctc_decode(logits, lengths)
+        hypotheses = self.decoder(logits, lengths)
         self.metrics[f"{stage}_{split}_wer"].update(hypotheses, batch["texts"])
         self.metrics[f"{stage}_{split}_cer"].update(hypotheses, batch["texts"])
         if batch_idx == 0:

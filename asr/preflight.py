@@ -2,48 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from huggingface_hub import try_to_load_from_cache
+from hydra.utils import instantiate
 from omegaconf import DictConfig
-
-from asr.data.librispeech import locate, parts, split_dir
 
 OFFLINE_HINT = "To try the whole pipeline offline on CPU, run: python -m asr.train experiment=demo"
 
 
 def missing_data(data: DictConfig) -> str | None:
-    if data.get("hf_dataset"):
-        return _missing_hf_dataset(data.hf_dataset)
-    if data.get("demo_corpus") is not None or data.get("archive_url"):
-        return None  # synthesised on first use, or streamed from a URL
-    splits = dict.fromkeys([*data.train_splits, *data.val_splits, *data.test_splits])
-    absent = []
-    for part in dict.fromkeys(p for split in splits for p in parts(split)):
-        try:
-            locate(data.root, part)
-        except FileNotFoundError:
-            absent.append(part)
-    if not absent:
-        return None
-    return (
-        f"LibriSpeech is missing at data.root={data.root}: no {', '.join(absent)} as folders in "
-        f"{split_dir(data.root, '').resolve()} or as <split>.tar.gz archives in "
-        f"{Path(data.root).expanduser().resolve()}. Download it with `python -m asr.data download data.root=DIR` "
-        "(or put the OpenSLR archives from https://www.openslr.org/12 in DIR, or stream them with "
-        "data.archive_url=https://www.openslr.org/resources/12), then pass data.root=DIR; or read the Hugging Face "
-        'copy with data.hf_dataset=openslr/librispeech_asr (pip install -e ".[hf]").'
-    )
-
-
-def _missing_hf_dataset(dataset: str) -> str | None:
-    """A hub id is left to ``datasets`` (from its cache, or downloaded); a folder must exist."""
-    if importlib.util.find_spec("datasets") is None:
-        return f'data.hf_dataset={dataset} needs the datasets library: pip install -e ".[hf]".'
-    if _is_path(dataset) and not Path(dataset).expanduser().is_dir():
-        return f"data.hf_dataset={dataset} is not a folder (a local copy of openslr/librispeech_asr, or its hub id)."
-    return None
+    """Why the configured source cannot give the run's splits, or None."""
+    splits = list(dict.fromkeys([*data.train_splits, *data.val_splits, *data.test_splits]))
+    return instantiate(data.source).missing(splits)
 
 
 def _is_path(name: str) -> bool:

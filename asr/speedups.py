@@ -9,10 +9,8 @@
   padding.
 - :func:`compile_regions`: ``torch.compile`` of repeated regions (each transformer layer), not the whole
   model.
-- :func:`onednn`: CPU convolutions with PyTorch's own kernels instead of oneDNN's. On variable-width batches,
-  oneDNN's convolution backward took 80-110 ms a step for the demo's small feature encoder (perf: kernels
-  JIT-generated again, and OpenMP threads waiting), several times its cost on a repeated shape; with the
-  native kernels the demo's steps are 1.4-1.6x faster (``asr.bench``, README).
+- :func:`onednn`: CPU convolutions with PyTorch's own kernels instead of oneDNN's, whose convolution backward
+  generates its kernels again for each new batch width (measurements: docs/performance.md).
 """
 
 from __future__ import annotations

@@ -9,10 +9,9 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from asr.data.text import CharTokenizer
+from asr.builders import build_datamodule, build_model, build_tokenizer, build_trainer
 from asr.preflight import check_inputs
 
 log = logging.getLogger(__name__)
@@ -22,18 +21,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit on the train splits, test on the test splits, and return (and save) the final metrics."""
     check_inputs(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    tokenizer = CharTokenizer()
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
-    model = instantiate(
-        cfg.model,
-        tokenizer=tokenizer,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        _convert_="all",
-    )
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    tokenizer = build_tokenizer()
+    model = build_model(cfg, tokenizer)
+    datamodule = build_datamodule(cfg, tokenizer, model.input_facts)
+    trainer = build_trainer(cfg)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -16,7 +16,7 @@
 # $OUT/profile-best.txt, $OUT/packed_check.txt, $OUT/data_loader.json. BUDGET (seconds, default 540) caps the whole script: each stage
 # gets at most what is left, so a hang cannot eat the session's device time. EXTRA (overrides appended to every
 # asr.bench, asr.evaluate and asr.data.bench command), BENCH_EXTRA (asr.bench only), BEST and CORPUS are for a dry
-# run on CPU with a tiny model (see README).
+# run on CPU with a tiny model (see docs/performance.md).
 set -euo pipefail
 export OUT=${OUT:-/tmp/gpu-bench-out}
 BUDGET=${BUDGET:-540}
@@ -137,7 +137,7 @@ cp $RUNS/ablation/bench.json "$OUT/bench_ablation.json" 2>/dev/null || true
 # FLAC files, 200 s batches, against plain decoding in one loop.
 # shellcheck disable=SC2086
 stage data_loader 50 python3 -m asr.data.bench --workers 0,4,8 --seconds 4 --rounds 2 --long-files 0 \
-  --synthetic-hours 10 --json "$OUT/data_loader.json" data.root=$CORPUS data.demo_corpus=null \
+  --synthetic-hours 10 --json "$OUT/data_loader.json" data.root=$CORPUS data/source=folder \
   "data.train_splits=[train-clean-100]" "data.val_splits=[]" "data.test_splits=[]" data.batch_size=null \
   data.max_batch_seconds=200 $EXTRA
 

@@ -1,27 +1,17 @@
+"""Fixtures shared by the tests; shared helpers and constants are in tests/helpers.py."""
+
 from __future__ import annotations
 
+import functools
+import threading
 from pathlib import Path
 
 import pytest
-import soundfile as sf
-import torch
 
-from asr.data.dataset import model_inputs, pcm_buffer
 from asr.data.demo import DemoCorpusConfig, build_demo_corpus
+from asr.data.rangeserver import QuietServer
 from asr.data.text import CharTokenizer
-
-TINY_HUBERT = {
-    "model_type": "hubert",
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "conv_dim": [16, 16],
-    "conv_kernel": [10, 4],
-    "conv_stride": [5, 4],
-    "num_conv_pos_embeddings": 16,
-    "num_conv_pos_embedding_groups": 4,
-}
+from tests.helpers import TINY_HUBERT, FolderHandler
 
 
 @pytest.fixture(scope="session")
@@ -48,14 +38,15 @@ def tiny_pretrained(tmp_path_factory, tokenizer) -> Path:
     return folder
 
 
-def write_flac(path: Path, seconds: float, rate: int = 16_000) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, (0.1 * torch.randn(int(seconds * rate))).numpy(), rate, format="FLAC")
-
-
-def batch_of(audios: list[torch.Tensor], labels: list[list[int]]) -> dict:
-    """A model batch of in-memory audio (floats in [-1, 1)), made as the data path makes it from FLAC."""
-    pcm = pcm_buffer([len(a) for a in audios])
-    for k, audio in enumerate(audios):
-        pcm[k, : len(audio)] = (audio.clamp(-1, 1 - 2**-15) * 32768).round().to(torch.int16)
-    return model_inputs({"input_values": pcm, "lengths": [len(a) for a in audios], "labels": labels})
+@pytest.fixture
+def serve(tmp_path, monkeypatch):
+    """Serve a folder on 127.0.0.1 (:class:`~tests.helpers.FolderHandler`); yields it and its URL."""
+    folder = tmp_path / "www"
+    folder.mkdir()
+    monkeypatch.setattr(FolderHandler, "starts", [])
+    monkeypatch.setattr(FolderHandler, "cuts", [])
+    monkeypatch.setattr(FolderHandler, "statuses", [])
+    httpd = QuietServer(("127.0.0.1", 0), functools.partial(FolderHandler, directory=folder))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield folder, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()

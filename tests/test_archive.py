@@ -1,84 +1,32 @@
-"""Archives streamed from a file and over HTTP; the stream dataset: shards, workers, batch counts, resume."""
+"""Archives read in one pass, from a file and over HTTP, and in parts through a gzip index; damage named."""
 
 import dataclasses
-import functools
 import gzip
-import http.server
 import io
 import tarfile
-import threading
 import urllib.request
 from pathlib import Path
 
 import indexed_gzip
 import pytest
-from torch.utils.data import DataLoader
 
 import asr.data.archive as archive_module
-from asr.data.archive import IndexedRegions, cut_regions, read_archive, read_members, serves_ranges
-from asr.data.bench import QuietServer
-from asr.data.datamodule import _as_is
-from asr.data.dataset import Checks, StreamDataset, region_from_a_start, stream_shard_count, stream_shards
+from asr.data.archive import cut_regions, read_archive, read_members, serves_ranges
 from asr.data.librispeech import DataError, Problem, scan_directory
 from asr.data.manifest import load_manifest
 from asr.data.remote import RangedHttpFile
-from tests.test_librispeech import CHECK_PROBLEMS, SOURCE_PROBLEMS, USABLE, key, make_archive, write_corpus
-
-
-class FolderHandler(http.server.SimpleHTTPRequestHandler):
-    """A folder's files (GET and HEAD); a single byte range ("bytes=N-" or "bytes=N-M") when ``ranges``, with an
-    ETag and ``If-Range``, as OpenSLR's server does. ``starts`` lists where the ranges asked for start. Faults, for
-    the next ranged requests: ``statuses`` to answer with, ``cuts`` (bytes after which a response stops short, as a
-    dropped connection); and a ``misplaced`` server sends every range from byte 0."""
-
-    ranges = True
-    starts: list[int] = []
-    cuts: list[int] = []
-    statuses: list[int] = []
-    misplaced = False
-
-    def send_head(self):
-        path = Path(self.translate_path(self.path))
-        requested = self.headers.get("Range")
-        if not (self.ranges and requested and path.is_file()):
-            return super().send_head()
-        if self.statuses:
-            self.send_error(self.statuses.pop(0))
-            return None
-        stat = path.stat()
-        etag = f'"{stat.st_size}-{stat.st_mtime_ns}"'
-        if self.headers.get("If-Range", etag) != etag:  # changed since the client's copy: the whole file
-            return super().send_head()
-        first, _, last = requested.removeprefix("bytes=").partition("-")
-        size = stat.st_size
-        start, end = int(first), min(int(last) if last else size - 1, size - 1)
-        self.starts.append(start)
-        start = 0 if self.misplaced else start
-        body = path.read_bytes()[start : end + 1]
-        sent = body[: self.cuts.pop(0)] if self.cuts else body
-        self.send_response(206)
-        self.send_header("ETag", etag)
-        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        return io.BytesIO(sent)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def serve(tmp_path, monkeypatch):
-    """Serve a folder on 127.0.0.1; yields it and its URL."""
-    folder = tmp_path / "www"
-    folder.mkdir()
-    monkeypatch.setattr(FolderHandler, "starts", [])
-    monkeypatch.setattr(FolderHandler, "cuts", [])
-    monkeypatch.setattr(FolderHandler, "statuses", [])
-    httpd = QuietServer(("127.0.0.1", 0), functools.partial(FolderHandler, directory=folder))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield folder, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+from asr.data.sources.archive import ArchiveSource
+from tests.helpers import (
+    CHECK_PROBLEMS,
+    SOURCE_PROBLEMS,
+    USABLE,
+    FolderHandler,
+    big_archive,
+    key,
+    make_archive,
+    scanned,
+    write_corpus,
+)
 
 
 def read_all(location, shard=0, shards=1):
@@ -143,38 +91,11 @@ def test_shards_split_the_archive_without_overlap(tmp_path):
     assert sorted(problems) == sorted(SOURCE_PROBLEMS)
 
 
-def big_archive(tmp_path, chapters=6, per_chapter=10):
-    """A clean split of ``chapters * per_chapter`` short utterances of varied length, as an archive."""
-    from tests.conftest import write_flac
-
-    transcripts = {}
-    for c in range(chapters):
-        folder = tmp_path / "LibriSpeech" / "train-clean-100" / str(10 + c) / "7"
-        lines = []
-        for k in range(per_chapter):
-            utt_id = f"{10 + c}-7-{k:04d}"
-            write_flac(folder / f"{utt_id}.flac", 0.2 + 0.05 * ((c * per_chapter + k) * 7 % 23))
-            transcripts[utt_id] = ("HELLO", "WORLD", "SPEECH", "DATA")[k % 4]
-            lines.append(f"{utt_id} {transcripts[utt_id]}")
-        (folder / f"{10 + c}-7.trans.txt").write_text("\n".join(lines) + "\n")
-    return str(make_archive(tmp_path, "train-clean-100", tmp_path / "train-clean-100.tar.gz")), transcripts
-
-
-def stream(archive, tokenizer, rank, world, **kwargs):
-    return StreamDataset([archive], Checks(tokenizer, min_samples=100), max_batch_seconds=1.5, buffer_size=12,
-                         seed=3, rank=rank, world_size=world, **kwargs)
-
-
-def scanned(archive, tmp_path):
-    """The archive's manifest, with its gzip index."""
-    return load_manifest(archive, tmp_path / "manifests" / "train-clean-100.json")
-
-
 def test_members_read_through_the_index_are_the_streamed_bytes(tmp_path):
     write_corpus(tmp_path)
     archive = str(make_archive(tmp_path, "dev-clean", tmp_path / "dev-clean.tar.gz"))
     streamed = {utt.id: data for utt, data in (r for r in read_archive(archive) if not isinstance(r, Problem))}
-    manifest = load_manifest(archive, tmp_path / "m.json")
+    manifest = load_manifest(ArchiveSource(str(tmp_path)), archive, tmp_path / "m.json")
     assert {utt.id: data for utt, data in read_members(archive, manifest.index_file, manifest.utterances)} == streamed
     with pytest.raises(DataError, match=r"dev-clean\.tar\.gz: cannot read it through its gzip index"):
         list(read_members(archive, str(tmp_path / "missing.gzidx"), manifest.utterances))
@@ -217,7 +138,8 @@ def test_an_archive_over_http_is_read_in_parts_by_byte_ranges(tmp_path, serve):
     location = f"{url}/train-clean-100.tar.gz"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(archive_module, "INDEX_SPACING", 64 << 10)
-        manifest = load_manifest(location, tmp_path / "manifests" / "train-clean-100.json")
+        manifest = load_manifest(ArchiveSource(str(tmp_path), url), location,
+                                 tmp_path / "manifests" / "train-clean-100.json")
     assert manifest.index_file is not None
     streamed = {utt.id: data for utt, data in (r for r in read_archive(archive) if not isinstance(r, Problem))}
     region = cut_regions(manifest.utterances, 3)[2]
@@ -277,92 +199,6 @@ def test_a_damaged_archive_is_an_error_that_names_it(tmp_path, damage, with_inde
     expected = "damaged archive: an invalid tar header" if damage == "header" else "(damaged|truncated)"
     with pytest.raises(DataError, match=rf"train-clean-100\.tar\.gz: {expected}"):
         list(read_archive(archive, index_to=tmp_path / "i.gzidx" if with_index else None))
-
-
-def batches_of(dataset, workers):
-    return list(DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=workers))
-
-
-def test_evaluation_stream_gives_every_utterance_once_across_ranks_and_workers(tmp_path, tokenizer):
-    write_corpus(tmp_path)
-    archive = str(make_archive(tmp_path, "dev-clean", tmp_path / "dev-clean.tar.gz"))
-    datasets = [StreamDataset([archive], Checks(tokenizer), batch_size=2, rank=r, world_size=2)
-                for r in range(2)]
-    ranks = [batches_of(dataset, workers=2) for dataset in datasets]
-    batches = [b for rank in ranks for b in rank]
-    ids = [i for b in batches for i in b["ids"]]
-    # Evaluation keeps 174-50561-0006 (too many letters to train on); the truncated file fails when decoded.
-    assert sorted(ids) == sorted(set(USABLE) - {"174-50561-0002"})
-    assert {i: t for b in batches for i, t in zip(b["ids"], b["texts"], strict=True)} == {
-        i: t for i, t in USABLE.items() if i != "174-50561-0002"}
-    skipped = sorted((reason, where.rpartition("/")[2]) for b in batches for reason, where in b["skipped"])
-    assert [r for r, _ in skipped].count("undecodable audio") == 1
-    assert len(skipped) == len(SOURCE_PROBLEMS) + len(CHECK_PROBLEMS) + 1
-
-
-def test_stream_raise_policy_names_the_member(tmp_path, tokenizer):
-    write_corpus(tmp_path)
-    archive = str(make_archive(tmp_path, "dev-clean", tmp_path / "dev-clean.tar.gz"))
-    dataset = StreamDataset([archive], Checks(tokenizer), on_error="raise", batch_size=2)
-    with pytest.raises(DataError, match=r"dev-clean\.tar\.gz:LibriSpeech/dev-clean/.*\.flac: "):
-        batches_of(dataset, workers=0)
-
-
-@pytest.mark.parametrize("by_region", [False, True])
-def test_training_stream_ranks_get_equal_batch_counts_and_disjoint_data(tmp_path, tokenizer, by_region):
-    archive, transcripts = big_archive(tmp_path)
-    manifest = scanned(archive, tmp_path)
-    index_files = {archive: manifest.index_file} if by_region else {}
-    workers, world = 2, 2
-    shards = stream_shards(manifest.utterances, world * workers, index_files)
-    counts = [stream_shard_count(utterances, s, index_files, None, 1.5, 12, 3) for s, utterances in enumerate(shards)]
-    per_rank = min(counts) * workers
-    regions = {archive: IndexedRegions(manifest.index_file, dict(enumerate(shards)))} if by_region else {}
-    ranks = [batches_of(stream(archive, tokenizer, r, world, batches_per_epoch=per_rank, indexed=regions), workers)
-             for r in range(world)]
-    assert [len(batches) for batches in ranks] == [per_rank, per_rank]
-    ids = [i for batches in ranks for b in batches for i in b["ids"]]
-    assert len(ids) == len(set(ids)) and set(ids) <= set(transcripts)
-    assert len(ids) > 0.8 * len(transcripts)
-    for rank, batches in enumerate(ranks):  # each (rank, worker) reads its own shard (by region: a contiguous run)
-        for worker in range(workers):
-            shard = shards[rank * workers + worker]
-            assert {i for b in batches[worker::workers] for i in b["ids"]} <= {u.id for u in shard}
-    # A rank asked for more batches than its shard holds re-reads it (another shuffle), and stops on time.
-    more = batches_of(stream(archive, tokenizer, 0, world, batches_per_epoch=per_rank * 3, indexed=regions),
-                      workers)
-    assert len(more) == per_rank * 3
-    # Each epoch has its own batches; read by region, a shard that stops at its quota leaves out other
-    # utterances each epoch (its region is read from another start).
-    dataset = stream(archive, tokenizer, 0, 1, batches_per_epoch=4, indexed=regions)
-    first = [b["ids"] for b in batches_of(dataset, 0)]
-    dataset.set_epoch(1)
-    second = [b["ids"] for b in batches_of(dataset, 0)]
-    assert second != first
-    if by_region:  # each epoch's first batch comes from the first buffer (12) of the region read from its start
-        for epoch, batches in enumerate((first, second)):
-            region = region_from_a_start(shards[0], 3, epoch, 0, 0)
-            assert set(batches[0]) <= {u.id for u in region[:12]}
-        rotations = [region_from_a_start(shards[0], 3, epoch, 0, 0) for epoch in range(5)]
-        assert len({r[0].id for r in rotations}) > 1
-        for r in rotations:
-            start = shards[0].index(r[0])
-            assert r == shards[0][start:] + shards[0][:start]
-
-
-@pytest.mark.parametrize("by_region", [False, True])
-def test_training_stream_resumes_with_exactly_the_remaining_batches(tmp_path, tokenizer, by_region):
-    archive, _ = big_archive(tmp_path)
-    regions = None
-    if by_region:
-        manifest = scanned(archive, tmp_path)
-        shards = stream_shards(manifest.utterances, 4, {archive: manifest.index_file})
-        regions = {archive: IndexedRegions(manifest.index_file, dict(enumerate(shards)))}
-    dataset = stream(archive, tokenizer, 1, 2, batches_per_epoch=7, indexed=regions)
-    dataset.set_epoch(2)
-    full = [b["ids"] for b in batches_of(dataset, 2)]
-    dataset.set_epoch(2, start=3)
-    assert [b["ids"] for b in batches_of(dataset, 2)] == full[3:]
 
 
 def test_a_bad_gzip_checksum_is_found_by_the_indexed_scan(tmp_path):

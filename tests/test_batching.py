@@ -1,9 +1,14 @@
 import random
 
-from asr.data.batching import DurationBatchSampler, bucket_stream
-from asr.data.bench import efficiency, librispeech_like_durations
+from asr.data.batching import DistributedBatchSampler, DurationBatchSampler, bucket_stream, efficiency
+from asr.data.synthetic import librispeech_like_durations
 
 DURATIONS = [random.Random(0).uniform(1.0, 16.0) for _ in range(500)]
+
+
+def ranked(durations, rank, world_size, drop_uneven=True, **kwargs):
+    """A rank's share of duration-bucketed batches."""
+    return DistributedBatchSampler(DurationBatchSampler(durations, **kwargs), rank, world_size, drop_uneven)
 
 
 def test_seconds_budget_and_padding():
@@ -25,8 +30,7 @@ def test_fixed_batch_size_and_deterministic_shuffle():
 
 
 def test_ranks_get_disjoint_shards_with_equal_batch_counts():
-    shards = [list(DurationBatchSampler(DURATIONS, max_batch_seconds=45, seed=5, rank=r, world_size=3))
-              for r in range(3)]
+    shards = [list(ranked(DURATIONS, r, 3, max_batch_seconds=45, seed=5)) for r in range(3)]
     assert len({len(s) for s in shards}) == 1
     seen = [i for shard in shards for batch in shard for i in batch]
     assert len(seen) == len(set(seen))
@@ -36,20 +40,18 @@ def test_ranks_get_disjoint_shards_with_equal_batch_counts():
 
 
 def test_evaluation_shards_cover_everything_once():
-    shards = [list(DurationBatchSampler(DURATIONS, batch_size=7, shuffle=False, rank=r, world_size=2,
-                                        drop_uneven=False)) for r in range(2)]
+    shards = [list(ranked(DURATIONS, r, 2, drop_uneven=False, batch_size=7, shuffle=False)) for r in range(2)]
     assert sorted(i for shard in shards for batch in shard for i in batch) == list(range(len(DURATIONS)))
     # Ranks short of a batch get an empty one (Lightning would skip evaluation, and its sync, on a rank with none).
-    shards = [list(DurationBatchSampler([1.0, 2.0], batch_size=1, shuffle=False, rank=r, world_size=3,
-                                        drop_uneven=False)) for r in range(3)]
+    shards = [list(ranked([1.0, 2.0], r, 3, drop_uneven=False, batch_size=1, shuffle=False)) for r in range(3)]
     assert shards == [[[0]], [[1]], [[]]]
 
 
 def test_resume_mid_epoch_gives_the_remaining_batches():
-    sampler = DurationBatchSampler(DURATIONS, max_batch_seconds=40, seed=9, rank=1, world_size=2)
+    sampler = ranked(DURATIONS, 1, 2, max_batch_seconds=40, seed=9)
     sampler.set_epoch(2)
     full = list(sampler)
-    resumed = DurationBatchSampler(DURATIONS, max_batch_seconds=40, seed=9, rank=1, world_size=2)
+    resumed = ranked(DURATIONS, 1, 2, max_batch_seconds=40, seed=9)
     resumed.set_epoch(2, start=5)
     assert list(resumed) == full[5:]
     assert len(resumed) == len(full)  # Lightning counts the epoch's batches, and is told 5 were done
@@ -86,14 +88,14 @@ def test_stream_buckets_cover_the_stream_within_the_budget():
 
 def test_an_utterance_longer_than_the_budget_is_a_batch_of_its_own():
     durations = [1.0, 30.0, 2.0, 25.0, 3.0]
-    sampler = DurationBatchSampler(durations, max_batch_seconds=20, shuffle=False, drop_uneven=False)
+    sampler = DurationBatchSampler(durations, max_batch_seconds=20, shuffle=False)
     assert list(sampler) == [[0, 2, 4], [3], [1]]
     stream = bucket_stream(range(5), durations.__getitem__, None, 20, buffer_size=5)
     assert list(stream) == [[0, 2, 4], [3], [1]]
 
 
 def test_an_unfinished_pass_does_not_shorten_the_next():
-    sampler = DurationBatchSampler(DURATIONS, batch_size=8, shuffle=False, drop_uneven=False)
+    sampler = ranked(DURATIONS, 0, 1, drop_uneven=False, batch_size=8, shuffle=False)
     for k, _ in enumerate(sampler):
         if k + 1 == len(sampler):
             break  # stop without exhausting the generator, as Lightning's loops do
@@ -103,7 +105,7 @@ def test_an_unfinished_pass_does_not_shorten_the_next():
 def test_every_epoch_has_the_length_lightning_read_at_the_start():
     """The shuffled cut gives a few batches more or fewer from epoch to epoch; Lightning reads len() once."""
     durations = librispeech_like_durations(2)  # 135 or 136 batches of 60 s, by epoch (134 or 136 for 2 ranks)
-    ranks = [DurationBatchSampler(durations, max_batch_seconds=60, seed=1, rank=r, world_size=2) for r in range(2)]
+    ranks = [ranked(durations, r, 2, max_batch_seconds=60, seed=1) for r in range(2)]
     length = len(ranks[0])
     for epoch in range(8):
         seen = []

@@ -6,22 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
 from asr.bench import Meter, write_corpus
-from asr.data.bench import train_clean_100_durations
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_durations_follow_train_clean_100():
-    durations = train_clean_100_durations(50_000, np.random.default_rng(0))
-    assert durations.mean() == pytest.approx(12.7, abs=0.15)
-    assert 1.3 <= durations.min() and durations.max() <= 24.5
-    assert ((durations >= 10) & (durations <= 16.5)).mean() == pytest.approx(0.8, abs=0.03)
 
 
 def test_corpus_is_librispeech_layout_flac_and_reused(tmp_path):

@@ -1,23 +1,19 @@
 """Every experiment composes and instantiates; the root defaults are the model card's recipe."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-import asr.train
-from asr.data.text import CharTokenizer
+from asr.builders import build_datamodule, build_model, build_tokenizer, build_trainer
+from asr.config import CONFIG_DIR, compose
 
-CONF = Path(asr.train.__file__).resolve().parents[1] / "conf"
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
 
 
 def compose_cfg(*overrides: str):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    cfg = compose("train", list(overrides), hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = "/tmp/asr-test-run"
     return cfg
@@ -38,17 +34,42 @@ def test_experiment_instantiates(experiment, tiny_pretrained, tmp_path):
             cfg.model.pretrained = str(tiny_pretrained)
         else:
             cfg.model.config.update(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    tokenizer = CharTokenizer()
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
-    model = instantiate(cfg.model, tokenizer=tokenizer, optimizer=instantiate(cfg.optimizer),
-                        scheduler=instantiate(cfg.scheduler), _convert_="all")
+    tokenizer = build_tokenizer()
+    model = build_model(cfg, tokenizer)
+    datamodule = build_datamodule(cfg, tokenizer, model.input_facts)
     optimizer = model.optimizer_factory(params=model.parameters())
     assert isinstance(optimizer, torch.optim.Optimizer)
     assert model.scheduler_factory(optimizer, total_steps=100).get_last_lr()[0] < optimizer.defaults["lr"]
-    trainer = instantiate(cfg.trainer, callbacks=[instantiate(c) for c in cfg.callbacks.values()],
-                          logger=instantiate(cfg.logger))
+    trainer = build_trainer(cfg)
     assert trainer.max_epochs == cfg.trainer.max_epochs
     assert datamodule.val_splits == model.splits["val"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_backbone_config_builds_offline(name):
+    """Each conf/model/*.yaml builds (the pretrained ones as a random init of their architecture, no hub)."""
+    from asr.backbones import random_init
+
+    cfg = compose_cfg(f"model={name}")
+    random_init(cfg.model)
+    with open_dict(cfg):
+        cfg.model.config.update(TINY)
+    model = build_model(cfg, build_tokenizer())
+    assert model.backbone.config.hidden_size == 32
+    assert model.input_facts["min_samples"] >= 400
+
+
+def test_a_backbone_is_added_with_a_config_file(tmp_path):
+    """What the README's Extending section shows: a new conf/model/<name>.yaml, selected with model=<name>."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "my_wav2vec2.yaml").write_text(
+        "defaults:\n  - hubert_tiny\n\nconfig:\n  model_type: wav2vec2\n  hidden_size: 32\n"
+        "  num_hidden_layers: 1\n  num_attention_heads: 2\n  intermediate_size: 32\n"
+    )
+    cfg = compose_cfg("experiment=demo", "model=my_wav2vec2", f"hydra.searchpath=[file://{tmp_path}]")
+    model = build_model(cfg, build_tokenizer())
+    assert type(model.backbone).__name__ == "Wav2Vec2ForCTC"
+    assert model.input_facts["min_samples"] == 485  # the demo's convolutions, inherited
 
 
 def test_root_defaults_are_the_model_card_recipe():

@@ -1,3 +1,5 @@
+"""The DataModule: splits from each source to batches, skips counted once, resume; and the data commands."""
+
 import subprocess
 import sys
 from collections import Counter
@@ -7,25 +9,27 @@ import lightning as L
 import pytest
 import torch
 
-import asr.data.dataset as dataset_module
-from asr.data.datamodule import SpeechDataModule
+import asr.data.stream as stream_module
 from asr.data.librispeech import DataError
+from asr.data.sources.archive import ArchiveSource
+from asr.data.sources.folder import FolderSource
 from asr.model import SpeechRecognizer
-from tests.conftest import TINY_HUBERT, write_flac
-from tests.test_archive import FolderHandler, big_archive, serve  # noqa: F401 (a fixture)
-from tests.test_librispeech import CHECK_PROBLEMS, SOURCE_PROBLEMS, USABLE, make_archive, write_corpus
-
-
-def make_datamodule(root, tokenizer, **kwargs):
-    defaults = dict(root=str(root), train_splits=["train"], val_splits=["dev"], test_splits=["test-seen"],
-                    tokenizer=tokenizer, max_batch_seconds=10, eval_batch_size=4, num_workers=0)
-    return SpeechDataModule(**{**defaults, **kwargs})
-
-
-def ready(dm, stage="fit"):
-    dm.prepare_data()
-    dm.setup(stage)
-    return dm
+from tests.helpers import (
+    CHECK_PROBLEMS,
+    SOURCE_PROBLEMS,
+    TINY_HUBERT,
+    USABLE,
+    FolderHandler,
+    Recorder,
+    big_archive,
+    drain,
+    make_archive,
+    make_datamodule,
+    ready,
+    truncated_corpus,
+    write_corpus,
+    write_flac,
+)
 
 
 def test_batches_from_the_demo_corpus(demo_root, tokenizer, tmp_path):
@@ -39,7 +43,7 @@ def test_batches_from_the_demo_corpus(demo_root, tokenizer, tmp_path):
     assert batch["input_values"][k, lengths[k]:].abs().sum() == 0
     assert tokenizer.decode(batch["labels"][0][: batch["label_lengths"][0]].tolist()) == batch["texts"][0]
     assert batch["skipped"] == []
-    assert sum(len(b["ids"]) for b in dm.val_dataloader()[0]) == len(dm._utterances["dev"])
+    assert sum(len(b["ids"]) for b in dm.val_dataloader()[0]) == len(dm.catalog.load("dev", False))
 
 
 def test_loader_options_reach_every_dataloader(demo_root, tokenizer, tmp_path):
@@ -59,47 +63,44 @@ def test_out_of_vocabulary_and_duration_filters_are_counted(tmp_path, tokenizer)
         write_flac(chapter / f"1-2-{k}.flac", seconds)
     (chapter / "1-2.trans.txt").write_text("1-2-0 HELLO\n1-2-1 CAFÉ NOIR\n1-2-2 TOO SHORT\n1-2-3 FINE\n")
     dm = make_datamodule(tmp_path, tokenizer, min_duration=0.5)
-    utterances, problems = dm.load_split("train", for_training=True)
+    utterances, problems = dm.catalog.read("train", for_training=True)
     assert [u.id for u in utterances] == ["1-2-0", "1-2-3"]
     assert Counter(p.reason for p in problems) == {"characters outside the vocabulary": 1,
                                                    "shorter than data.min_duration": 1}
     strict = make_datamodule(tmp_path, tokenizer, on_error="raise")
     with pytest.raises(DataError, match=r"1-2-1\.flac: characters outside the vocabulary \(É\)"):
-        strict.load_split("train", for_training=True)
+        strict.catalog.read("train", for_training=True)
 
 
-def corpus_datamodule(root, tokenizer, **kwargs):
+def corpus_datamodule(source, tokenizer, **kwargs):
     splits = dict(train_splits=["dev-clean"], val_splits=["dev-clean"], test_splits=["dev-clean"])
-    return make_datamodule(root, tokenizer, batch_size=2, max_batch_seconds=None, **{**splits, **kwargs})
+    return make_datamodule(source.root, tokenizer, source, batch_size=2, max_batch_seconds=None,
+                           **{**splits, **kwargs})
 
 
-def drain(dm, loader, dataloader_idx=0):
-    """Iterate a loader as Lightning does, through the DataModule's batch hook."""
-    return [dm.on_after_batch_transfer(batch, dataloader_idx) for batch in loader]
-
-
-def source_root(tmp_path, source):
+def corpus_source(tmp_path, kind):
     """The mini corpus, as a folder or as an archive in a root of its own."""
     write_corpus(tmp_path)
-    if source == "folder":
-        return tmp_path
+    if kind == "folder":
+        return FolderSource(str(tmp_path))
     (tmp_path / "archives").mkdir()
     make_archive(tmp_path, "dev-clean", tmp_path / "archives" / "dev-clean.tar.gz")
-    return tmp_path / "archives"
+    return ArchiveSource(str(tmp_path / "archives"))
 
 
 @pytest.mark.parametrize("source", ["folder", "archive", "url", "url without ranges"])
 def test_every_bad_input_is_counted_by_reason(tmp_path, tokenizer, source, serve, monkeypatch):  # noqa: F811
     www, url = serve
     monkeypatch.setattr(FolderHandler, "ranges", source != "url without ranges")
-    root = source_root(tmp_path, "folder" if source == "folder" else "archive")
+    corpus = corpus_source(tmp_path, "folder" if source == "folder" else "archive")
     options = {}
     if source.startswith("url"):
-        (root / "dev-clean.tar.gz").rename(www / "dev-clean.tar.gz")
-        options = {"archive_url": url, "manifest_dir": str(tmp_path / "manifests")}
-    dm = ready(corpus_datamodule(root, tokenizer, val_splits=[], test_splits=[], **options))
-    assert dm.is_stream(["dev-clean"]) == (source != "folder")
-    assert bool(dm._index_files) == (source in ("archive", "url"))  # read by region
+        (Path(corpus.root) / "dev-clean.tar.gz").rename(www / "dev-clean.tar.gz")
+        corpus = ArchiveSource(corpus.root, url)
+        options = {"manifest_dir": str(tmp_path / "manifests")}
+    dm = ready(corpus_datamodule(corpus, tokenizer, val_splits=[], test_splits=[], **options))
+    assert dm.source.random_access == (source == "folder")
+    assert bool(dm.catalog.index_files) == (source in ("archive", "url"))  # read by region
     batches = drain(dm, dm.train_dataloader())
     trained = sorted(i for b in batches for i in b["ids"])
     assert trained == sorted(set(USABLE) - {"174-50561-0002", "174-50561-0006"})
@@ -117,7 +118,7 @@ def test_every_bad_input_is_counted_by_reason(tmp_path, tokenizer, source, serve
 def test_evaluation_uses_every_usable_utterance_once(tmp_path, tokenizer, source):
     """Also when the split is trained on: training leaves out what has too few frames for its label, and
     evaluation keeps it."""
-    dm = ready(corpus_datamodule(source_root(tmp_path, source), tokenizer, test_splits=[]))
+    dm = ready(corpus_datamodule(corpus_source(tmp_path, source), tokenizer, test_splits=[]))
     trained = {i for b in drain(dm, dm.train_dataloader()) for i in b["ids"]}
     assert trained == set(USABLE) - {"174-50561-0002", "174-50561-0006"}
     batches = drain(dm, dm.val_dataloader()[0])
@@ -131,10 +132,11 @@ def test_a_scanned_archive_is_evaluated_by_region_once_across_ranks_and_workers(
     root = tmp_path / "archives"  # without the folder the archive was made from
     root.mkdir()
     archive = str(Path(built).rename(root / "train-clean-100.tar.gz"))
-    dm = ready(make_datamodule(root, tokenizer, train_splits=[], val_splits=["train-clean-100"], test_splits=[],
-                               num_workers=2, eval_batch_size=3), "validate")
-    assert set(dm._index_files) == {archive}
-    monkeypatch.setattr(dataset_module, "read_archive", lambda *args: pytest.fail("streamed whole"))
+    dm = ready(make_datamodule(root, tokenizer, ArchiveSource(str(root)), train_splits=[],
+                               val_splits=["train-clean-100"], test_splits=[], num_workers=2, eval_batch_size=3),
+               "validate")
+    assert set(dm.catalog.index_files) == {archive}
+    monkeypatch.setattr(stream_module, "read_archive", lambda *args: pytest.fail("streamed whole"))
     ranks = []
     for rank in range(2):
         monkeypatch.setattr(dm, "_rank_and_world", lambda rank=rank: (rank, 2))
@@ -144,10 +146,11 @@ def test_a_scanned_archive_is_evaluated_by_region_once_across_ranks_and_workers(
 
 
 def test_batches_per_epoch_leaves_only_the_training_archive_unscanned(tmp_path, tokenizer):
-    root = source_root(tmp_path, "archive")  # dev-clean.tar.gz
+    corpus = corpus_source(tmp_path, "archive")  # dev-clean.tar.gz
+    root = Path(corpus.root)
     write_corpus(tmp_path, "dev-other")
     make_archive(tmp_path, "dev-other", root / "dev-other.tar.gz")
-    dm = ready(corpus_datamodule(root, tokenizer, val_splits=["dev-other"], test_splits=[], batches_per_epoch=3))
+    dm = ready(corpus_datamodule(corpus, tokenizer, val_splits=["dev-other"], test_splits=[], batches_per_epoch=3))
     assert sorted(p.name for p in (root / "manifests").glob("*.json")) == ["dev-other.json"]
     assert len(drain(dm, dm.train_dataloader())) == 3
     batches = drain(dm, dm.val_dataloader()[0])
@@ -158,7 +161,7 @@ def test_batches_per_epoch_leaves_only_the_training_archive_unscanned(tmp_path, 
 def test_each_unusable_utterance_is_counted_once_however_often_it_is_read(tmp_path, tokenizer, source):
     """Two epochs, each with a validation pass, over a split trained and evaluated on: an archive's evaluation
     stream meets its source problems again in every pass, and both read the truncated file every time."""
-    dm = ready(corpus_datamodule(source_root(tmp_path, source), tokenizer, test_splits=[]))
+    dm = ready(corpus_datamodule(corpus_source(tmp_path, source), tokenizer, test_splits=[]))
     for _ in range(2):
         drain(dm, dm.train_dataloader())
         drain(dm, dm.val_dataloader()[0])
@@ -168,22 +171,12 @@ def test_each_unusable_utterance_is_counted_once_however_often_it_is_read(tmp_pa
     assert dm.skipped == {f"dev-clean/{reason}": n for reason, n in reasons.items()}
 
 
-def truncated_corpus(root, good=0, bad=2):
-    folder = root / "LibriSpeech" / "dev-clean" / "5" / "6"
-    for k in range(good + bad):
-        write_flac(folder / f"5-6-{k}.flac", 1.0)
-        if k >= good:
-            whole = (folder / f"5-6-{k}.flac").read_bytes()
-            (folder / f"5-6-{k}.flac").write_bytes(whole[: len(whole) // 2])
-    (folder / "5-6.trans.txt").write_text("".join(f"5-6-{k} HELLO\n" for k in range(good + bad)))
-
-
 def test_a_skip_in_training_and_evaluation_counts_once_under_its_own_split(tmp_path, tokenizer):
     truncated_corpus(tmp_path, good=1, bad=1)  # dev-clean
     other = tmp_path / "LibriSpeech" / "dev-other" / "7" / "8"
     write_flac(other / "7-8-0.flac", 1.0)
     (other / "7-8.trans.txt").write_text("7-8-0 HELLO\n")
-    dm = ready(corpus_datamodule(tmp_path, tokenizer, train_splits=["dev-clean", "dev-other"],
+    dm = ready(corpus_datamodule(FolderSource(str(tmp_path)), tokenizer, train_splits=["dev-clean", "dev-other"],
                                  val_splits=["dev-clean"], test_splits=[]))
     drain(dm, dm.train_dataloader())
     drain(dm, dm.val_dataloader()[0])
@@ -192,14 +185,14 @@ def test_a_skip_in_training_and_evaluation_counts_once_under_its_own_split(tmp_p
 
 def test_raise_policy_names_the_file_when_decoding(tmp_path, tokenizer):
     truncated_corpus(tmp_path, good=1, bad=1)
-    dm = ready(corpus_datamodule(tmp_path, tokenizer, on_error="raise"))
+    dm = ready(corpus_datamodule(FolderSource(str(tmp_path)), tokenizer, on_error="raise"))
     with pytest.raises(DataError, match=r"5-6-1\.flac: undecodable audio \("):
         drain(dm, dm.train_dataloader())
 
 
 def test_an_all_skipped_batch_is_empty_and_counted(tmp_path, tokenizer):
     truncated_corpus(tmp_path)
-    dm = ready(corpus_datamodule(tmp_path, tokenizer))
+    dm = ready(corpus_datamodule(FolderSource(str(tmp_path)), tokenizer))
     (batch,) = drain(dm, dm.train_dataloader())
     assert batch["input_values"].shape == (0, 0) and batch["ids"] == [] and len(batch["skipped"]) == 2
     dm.teardown("fit")
@@ -219,9 +212,10 @@ def test_resume_through_the_datamodule_state_gives_the_remaining_batches(tmp_pat
         root = tmp_path / "archives"
         root.mkdir()
         (tmp_path / "train-clean-100.tar.gz").rename(root / "train-clean-100.tar.gz")
+    sources = {"folder": FolderSource, "archive": ArchiveSource}
     options = dict(train_splits=["train-clean-100"], val_splits=[], test_splits=[], max_batch_seconds=1.5,
                    min_samples=100, shuffle_buffer=12, seed=5, num_workers=2)
-    first = ready(make_datamodule(root, tokenizer, **options))
+    first = ready(make_datamodule(root, tokenizer, sources[source](str(root)), **options))
     first.load_state_dict({"epoch": 1, "batches": 0})
     loader = first.train_dataloader()
     full = [b["ids"] for b in drain(first, loader)]
@@ -238,30 +232,9 @@ def test_resume_through_the_datamodule_state_gives_the_remaining_batches(tmp_pat
     state = first.state_dict()
     assert state == {"epoch": 1, "batches": 5}
 
-    resumed = ready(make_datamodule(root, tokenizer, **options))
+    resumed = ready(make_datamodule(root, tokenizer, sources[source](str(root)), **options))
     resumed.load_state_dict(state)
     assert head + [b["ids"] for b in resumed.train_dataloader()] == full
-
-
-class Recorder(L.LightningModule):
-    """Trains nothing; records every training batch (epoch, utterance ids, sum of its audio), and every
-    validation batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(()))
-        self.seen = []
-        self.validated = []
-
-    def training_step(self, batch, batch_idx):
-        self.seen.append((self.current_epoch, tuple(batch["ids"]), float(batch["input_values"].sum())))
-        return self.weight * batch["input_values"].mean()
-
-    def validation_step(self, batch, batch_idx):
-        self.validated.append((self.current_epoch, tuple(batch["ids"]), float(batch["input_values"].sum())))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
 def fit(root, tokenizer, tmp_path, ckpt_path=None, **trainer_options):
@@ -294,7 +267,7 @@ def test_lightning_reshuffles_each_epoch_and_resumes(tmp_path, tokenizer, into_s
 def test_inspect_command(demo_root):
     result = subprocess.run(
         [sys.executable, "-m", "asr.data", "inspect", "experiment=demo", f"data.root={demo_root}",
-         "data.demo_corpus=null"],
+         "data/source=folder"],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -303,20 +276,11 @@ def test_inspect_command(demo_root):
     assert "skipped: 0" in result.stdout and "read: at random" in result.stdout
 
 
-def test_inspect_says_how_each_part_is_read():
-    from asr.data.__main__ import reading
-    from asr.data.manifest import Manifest
-
-    assert reading(Manifest("/data/LibriSpeech/dev-clean", "", [], [])) == "at random"
-    assert reading(Manifest("/data/dev-clean.tar.gz", "", [], [], "/m/dev-clean.gzidx")).startswith("in parts")
-    assert "serves no byte ranges" in reading(Manifest("http://host/dev-clean.tar.gz", "", [], []))
-
-
 def test_inspect_an_archive_lists_its_skips(tmp_path):
     write_corpus(tmp_path / "src")
     make_archive(tmp_path / "src", "dev-clean", tmp_path / "dev-clean.tar.gz")
     result = subprocess.run(
-        [sys.executable, "-m", "asr.data", "inspect", f"data.root={tmp_path}",
+        [sys.executable, "-m", "asr.data", "inspect", f"data.root={tmp_path}", "data/source=archive",
          "data.train_splits=[dev-clean]", "data.val_splits=[]", "data.test_splits=[]"],
         capture_output=True, text=True, timeout=120,
     )
@@ -328,7 +292,7 @@ def test_inspect_an_archive_lists_its_skips(tmp_path):
 
 
 def test_an_evaluation_utterance_longer_than_the_budget_is_batched_alone(tmp_path, tokenizer, caplog):
-    dm = ready(corpus_datamodule(source_root(tmp_path, "folder"), tokenizer, train_splits=[], test_splits=[],
+    dm = ready(corpus_datamodule(corpus_source(tmp_path, "folder"), tokenizer, train_splits=[], test_splits=[],
                                  eval_batch_size=None, eval_max_batch_seconds=2.0), "validate")
     assert "1 utterances longer than data.eval_max_batch_seconds=2.0 are batched alone" in caplog.text
     batches = [b["ids"] for b in dm.val_dataloader()[0]]

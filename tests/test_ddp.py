@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from asr.data.manifest import load_manifest
-from tests.test_librispeech import make_archive
-from tests.test_train import TINY_MODEL
+from asr.data.sources.archive import ArchiveSource
+from tests.helpers import TINY_MODEL, make_archive
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def test_two_ranks_get_equal_disjoint_regions_of_the_archive(demo_root, tmp_path
     ids = tmp_path / "ids"
     ids.mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "asr.train", "experiment=demo", f"data.root={archives}", "data.demo_corpus=null",
+        [sys.executable, "-m", "asr.train", "experiment=demo", f"data.root={archives}", "data/source=archive",
          "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_epochs=1", "trainer.max_time=null", "~logger",
          "+callbacks.ids._target_=tests.ddp_helpers.TrainedIds", f"+callbacks.ids.folder={ids}", *TINY_MODEL],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
@@ -50,7 +50,8 @@ def test_two_ranks_get_equal_disjoint_regions_of_the_archive(demo_root, tmp_path
     assert len(ranks[0]) == len(ranks[1]) > 0  # equal batch counts: neither rank waits for the other
     trained = [{i for batch in rank for i in batch} for rank in ranks]
     assert not trained[0] & trained[1]
-    manifest = load_manifest(str(archives / "train.tar.gz"), archives / "manifests" / "train.json", verify=False)
+    manifest = load_manifest(ArchiveSource(str(archives)), str(archives / "train.tar.gz"),
+                             archives / "manifests" / "train.json", verify=False)
     assert manifest.index_file is not None
     order = {u.id: u.index for u in manifest.utterances}
     assert len(trained[0] | trained[1]) > 0.8 * len(order)

@@ -24,7 +24,7 @@ def logged(cwd, key):
 
 def test_short_demo_run_learns(demo_root, tmp_path):
     """A few minutes of audio, a few hundred steps: the model must get past the all-blank plateau."""
-    result = run(f"data.root={demo_root}", "data.demo_corpus=null", "trainer.max_steps=550",
+    result = run(f"data.root={demo_root}", "data/source=folder", "trainer.max_steps=550",
                  "trainer.log_every_n_steps=10", "trainer.check_val_every_n_epoch=1000",
                  "model.freeze_feature_encoder_after=null", "scheduler.warmup_steps=30", "scheduler.hold_fraction=0.9",
                  "data.max_batch_seconds=6", "~callbacks.checkpoint", cwd=tmp_path, timeout=600)
@@ -32,9 +32,9 @@ def test_short_demo_run_learns(demo_root, tmp_path):
     losses = logged(tmp_path, "train/loss")
     # Random init starts above 3; a model that only predicts blanks plateaus near 3.
     assert losses[0] > 3.0, losses
-    assert min(losses[-3:]) < 2.5, losses  # measured: 2.1 after 550 steps
+    assert min(losses[-3:]) < 2.5, losses
     (metrics_file,) = tmp_path.glob("outputs/*/*/metrics.json")
-    assert json.loads(metrics_file.read_text())["test/test-seen/cer"] < 0.85  # measured: 0.64; blanks only: 1.0
+    assert json.loads(metrics_file.read_text())["test/test-seen/cer"] < 0.85  # blanks only: 1.0
 
 
 @pytest.mark.slow
@@ -46,7 +46,7 @@ def test_demo_reaches_the_target_wer(tmp_path):
     (metrics_file,) = tmp_path.glob("outputs/*/*/metrics.json")
     metrics = json.loads(metrics_file.read_text())
     print(json.dumps(metrics, indent=1), f"wall time {elapsed:.0f} s")
-    # The issue's target is 0.45 and its stretch goal 0.30; measured 0.124 and 0.128.
+    # The issue's target is 0.45 and its stretch goal 0.30.
     assert metrics["test/test-seen/wer"] <= 0.30
     assert elapsed <= 15 * 60
 

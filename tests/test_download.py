@@ -9,7 +9,7 @@ import pytest
 
 from asr.data.download import download_split, fetch
 from asr.data.librispeech import scan_directory, split_dir
-from tests.conftest import write_flac
+from tests.helpers import write_flac
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):

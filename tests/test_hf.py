@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from asr.data import hf
-from asr.data.dataset import Checks, SpeechDataset
+from asr.data.checks import Checks
+from asr.data.dataset import SpeechDataset
 from asr.data.librispeech import DataError
 from asr.data.manifest import load_manifest
-from tests.test_datamodule import make_datamodule, ready
+from asr.data.sources import hf
+from asr.data.sources.hf import HfSource
+from tests.helpers import make_datamodule, ready
 
 datasets = pytest.importorskip("datasets")
 
@@ -97,19 +99,19 @@ def test_only_the_asked_split_is_prepared(hf_folder, tmp_path):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_batches_problems_and_exact_audio_from_a_hugging_face_folder(hf_folder, tokenizer, tmp_path, workers):
     folder, audio = hf_folder
-    dm = ready(make_datamodule(tmp_path / "unused", tokenizer, hf_dataset=str(folder), train_splits=["dev-clean"],
+    dm = ready(make_datamodule(tmp_path / "unused", tokenizer, HfSource(str(folder)), train_splits=["dev-clean"],
                                val_splits=["dev-clean"], test_splits=["test-clean"], num_workers=workers,
                                max_batch_seconds=100, manifest_dir=str(tmp_path / "manifests")))
     location = f"hf://{folder}#validation.clean"
-    assert dm.locations("dev-clean") == [location]
-    utterances = dm._utterances["dev-clean"]
+    assert dm.source.locations("dev-clean") == [location]
+    utterances = dm.catalog.load("dev-clean", False)
     assert {u.id: u.transcript for u in utterances} == {
         "84-121-0000": "WORD A", "84-121-0001": "WORD B", "84-121-0002": "WORD C", "84-121-0003": "WORD D",
         "84-121-0004": "WORD E"}
     assert {u.id: u.num_samples for u in utterances} == {k: len(a) for k, a in audio.items()}
     assert {u.speaker for u in utterances} == {"84"}
     assert dm.skipped == {"dev-clean/unreadable audio": 2, "dev-clean/empty transcript": 2}
-    (manifest,) = dm.manifest("dev-clean")
+    (manifest,) = dm.catalog.manifest("dev-clean")
     assert sorted(p.where for p in manifest.problems) == [f"{location}:84-121-009{k}" for k in range(4)]
     assert "no audio bytes in the row" in next(p.detail for p in manifest.problems if p.where.endswith("0093"))
 
@@ -124,7 +126,7 @@ def test_batches_problems_and_exact_audio_from_a_hugging_face_folder(hf_folder, 
 
 def test_a_bad_row_names_the_split_and_the_utterance_under_raise(hf_folder, tokenizer, tmp_path):
     folder, _ = hf_folder
-    dm = make_datamodule(tmp_path, tokenizer, hf_dataset=str(folder), train_splits=["dev-clean"],
+    dm = make_datamodule(tmp_path, tokenizer, HfSource(str(folder)), train_splits=["dev-clean"],
                          val_splits=["dev-clean"], test_splits=["test-clean"], on_error="raise",
                          manifest_dir=str(tmp_path / "manifests"))
     dm.prepare_data()
@@ -132,27 +134,21 @@ def test_a_bad_row_names_the_split_and_the_utterance_under_raise(hf_folder, toke
         dm.setup("fit")
 
 
-def test_preflight_stops_at_a_missing_folder_and_leaves_hub_ids_to_datasets(tmp_path):
-    from omegaconf import OmegaConf
-
-    from asr.preflight import missing_data
-
-    data = OmegaConf.create({"root": str(tmp_path), "hf_dataset": str(tmp_path / "nowhere"),
-                             "train_splits": ["train-clean-100"], "val_splits": ["dev-clean"], "test_splits": []})
-    assert missing_data(data) == (f"data.hf_dataset={tmp_path / 'nowhere'} is not a folder (a local copy of "
-                                  "openslr/librispeech_asr, or its hub id).")
+def test_a_missing_folder_is_named_before_the_run_and_hub_ids_are_left_to_datasets(tmp_path):
+    splits = ["train-clean-100", "dev-clean"]
+    assert HfSource(str(tmp_path / "nowhere")).missing(splits) == (
+        f"data.source.dataset={tmp_path / 'nowhere'} is not a folder (a local copy of openslr/librispeech_asr, or "
+        "its hub id).")
     (tmp_path / "librispeech_asr").mkdir()
-    data.hf_dataset = str(tmp_path / "librispeech_asr")
-    assert missing_data(data) is None
-    data.hf_dataset = "openslr/librispeech_asr"
-    assert missing_data(data) is None
+    assert HfSource(str(tmp_path / "librispeech_asr")).missing(splits) is None
+    assert HfSource("openslr/librispeech_asr").missing(splits) is None
 
 
 def test_workers_get_the_opened_split_without_its_audio_or_loading_it_again(hf_folder, tokenizer, monkeypatch):
     folder, audio = hf_folder
     location = hf.location(str(folder), "dev-clean")
     utterances, _ = hf.scan(location)
-    blob = pickle.dumps(SpeechDataset(utterances, Checks(tokenizer)))  # what a spawned worker receives
+    blob = pickle.dumps(SpeechDataset(HfSource(str(folder)), utterances, Checks(tokenizer)))  # as a worker gets it
     assert flac(audio["84-121-0003"]) not in blob  # the memory-mapped table goes by file name
     with monkeypatch.context() as patch:
         patch.setattr(hf, "open_split", lambda location: pytest.fail(f"opened {location} again"))
@@ -165,10 +161,11 @@ def test_a_rewritten_split_is_scanned_again(hf_folder, tmp_path):
     folder, audio = hf_folder
     location = hf.location(str(folder), "test-clean")
     manifest_path = tmp_path / "manifests" / "test-clean.json"
-    assert [u.transcript for u in load_manifest(location, manifest_path).utterances] == ["HELLO WORLD"]
+    source = HfSource(str(folder))
+    assert [u.transcript for u in load_manifest(source, location, manifest_path).utterances] == ["HELLO WORLD"]
     write_split(folder, "test.clean", [row("61-70-0000", "GOODBYE WORLD", flac(audio["84-121-0001"]))])
     hf.open_split.cache_clear()  # a new process
-    assert [u.transcript for u in load_manifest(location, manifest_path, verify=True).utterances] == [
+    assert [u.transcript for u in load_manifest(source, location, manifest_path, verify=True).utterances] == [
         "GOODBYE WORLD"]
 
 
@@ -177,4 +174,4 @@ def test_a_manifest_row_that_holds_another_utterance_is_an_error(hf_folder, toke
     utterances, _ = hf.scan(hf.location(str(folder), "dev-clean"))
     stale = dataclasses.replace(utterances[1], index=utterances[2].index)  # as a hand-edited or stale manifest
     with pytest.raises(DataError, match=r"validation\.clean:84-121-0001: row 2 of the split is '84-121-0002'"):
-        SpeechDataset([stale], Checks(tokenizer)).batch([0])
+        SpeechDataset(HfSource(str(folder)), [stale], Checks(tokenizer)).batch([0])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from asr.model import SpeechRecognizer
-from tests.conftest import TINY_HUBERT, batch_of
+from tests.helpers import TINY_HUBERT, batch_of
 
 
 def make_module(tokenizer, **kwargs) -> SpeechRecognizer:

@@ -6,10 +6,10 @@ import urllib.error
 import pytest
 
 from asr.data.remote import RangedHttpFile, RangeError
-from tests.test_archive import FolderHandler, serve  # noqa: F401 (a fixture)
+from tests.helpers import FolderHandler
 
 
-def test_a_dropped_range_is_asked_for_again_from_where_it_stopped(tmp_path, serve, monkeypatch, caplog):  # noqa: F811
+def test_a_dropped_range_is_asked_for_again_from_where_it_stopped(tmp_path, serve, monkeypatch, caplog):
     www, url = serve
     monkeypatch.setattr(RangedHttpFile, "BACKOFF", 0.0)
     data = bytes(range(256)) * 4000
@@ -36,7 +36,7 @@ def test_a_dropped_range_is_asked_for_again_from_where_it_stopped(tmp_path, serv
     assert FolderHandler.statuses == []
 
 
-def test_a_range_from_the_wrong_place_is_an_error(serve, monkeypatch):  # noqa: F811
+def test_a_range_from_the_wrong_place_is_an_error(serve, monkeypatch):
     www, url = serve
     (www / "a.tar.gz").write_bytes(bytes(range(256)) * 40)
     monkeypatch.setattr(FolderHandler, "misplaced", True)

@@ -53,7 +53,7 @@ def test_the_module_hands_the_trainers_time_budget_to_the_schedule(monkeypatch, 
     from functools import partial
 
     from asr.model import SpeechRecognizer
-    from tests.conftest import TINY_HUBERT
+    from tests.helpers import TINY_HUBERT
 
     module = SpeechRecognizer(tokenizer=tokenizer, optimizer=partial(torch.optim.SGD, lr=1.0), config=TINY_HUBERT,
                               scheduler=partial(tri_stage, warmup_steps=0))
@@ -70,7 +70,7 @@ def test_without_max_time_the_schedule_follows_the_steps_only(monkeypatch, token
     from functools import partial
 
     from asr.model import SpeechRecognizer
-    from tests.conftest import TINY_HUBERT
+    from tests.helpers import TINY_HUBERT
 
     module = SpeechRecognizer(tokenizer=tokenizer, optimizer=partial(torch.optim.SGD, lr=1.0), config=TINY_HUBERT,
                               scheduler=partial(tri_stage, warmup_steps=4))

@@ -1,4 +1,3 @@
-import torch
 from transformers import Wav2Vec2CTCTokenizer
 
 from asr.data.text import canonical, normalize
@@ -33,15 +32,3 @@ def test_vocabulary_matches_transformers_tokenizer(tokenizer, tmp_path):
     assert hf(text).input_ids == tokenizer.encode(text)
     assert hf.pad_token_id == tokenizer.pad_id
     assert hf.decode(tokenizer.encode(text), group_tokens=False) == text
-
-
-def test_greedy_ctc_decode_on_hand_made_logits(tokenizer):
-    blank, h, i, sep = tokenizer.pad_id, *(tokenizer.token_to_id[c] for c in "HI|")
-    # frames: H H _ I | | H _ _ I I _  -> "HI HI"; a repeat only counts once unless a blank separates it
-    frames = [h, h, blank, i, sep, sep, h, blank, blank, i, i, blank, h]
-    logits = torch.full((1, len(frames), len(tokenizer)), -5.0)
-    logits[0, torch.arange(len(frames)), torch.tensor(frames)] = 5.0
-    assert tokenizer.batch_ctc_decode(logits, torch.tensor([12])) == ["HI HI"]
-    assert tokenizer.batch_ctc_decode(logits, torch.tensor([13])) == ["HI HIH"]
-    double = [h, blank, h, i]
-    assert tokenizer.ctc_decode(double) == "HHI"

@@ -8,10 +8,7 @@ import time
 
 import pytest
 
-TINY_MODEL = [
-    "model.config.hidden_size=64", "model.config.num_hidden_layers=2", "model.config.intermediate_size=128",
-    "model.config.num_attention_heads=2",
-]
+from tests.helpers import TINY_MODEL
 
 
 def run_train(*overrides, cwd, timeout=600, env=None):
@@ -28,7 +25,7 @@ def metrics_of(cwd):
 
 def demo_run(root):
     """The demo experiment on the small fixture corpus (read as a plain tree, not rebuilt), for one batch."""
-    return ["experiment=demo", f"data.root={root}", "data.demo_corpus=null", "trainer.fast_dev_run=true", *TINY_MODEL]
+    return ["experiment=demo", f"data.root={root}", "data/source=folder", "trainer.fast_dev_run=true", *TINY_MODEL]
 
 
 def test_fast_dev_run(demo_root, tmp_path):

@@ -10,14 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+import asr.data.loaders as loaders
 import asr.data.transfer as transfer
-from asr.data.datamodule import SpeechLoader
-from asr.data.dataset import Checks, SpeechDataset, StreamDataset, decode_batch
+from asr.data.checks import Checks
+from asr.data.dataset import SpeechDataset, decode_batch
 from asr.data.librispeech import DataError
+from asr.data.loaders import SpeechLoader
+from asr.data.sources.archive import ArchiveSource
+from asr.data.sources.folder import FolderSource
+from asr.data.stream import StreamDataset
 from asr.data.transfer import SharedSlots, SlotRef, Tasks
-from tests.conftest import write_flac
-from tests.test_archive import big_archive
-from tests.test_datamodule import Recorder, make_datamodule, ready
+from tests.helpers import Recorder, big_archive, make_datamodule, ready, write_flac
 
 
 @pytest.fixture
@@ -161,12 +164,13 @@ def test_workers_send_through_slots_the_batches_they_would_send_the_usual_way(tm
         root = tmp_path / "archives"
         root.mkdir()
         Path(built).rename(root / "train-clean-100.tar.gz")
-    dm = ready(make_datamodule(root, tokenizer, train_splits=["train-clean-100"], val_splits=["train-clean-100"],
-                               test_splits=[], max_batch_seconds=1.5, eval_batch_size=3, min_samples=100, seed=5,
-                               num_workers=2, task_seconds=task_seconds))
+    sources = {"folder": FolderSource, "archive": ArchiveSource}
+    dm = ready(make_datamodule(root, tokenizer, sources[source](str(root)), train_splits=["train-clean-100"],
+                               val_splits=["train-clean-100"], test_splits=[], max_batch_seconds=1.5,
+                               eval_batch_size=3, min_samples=100, seed=5, num_workers=2, task_seconds=task_seconds))
     for make in (dm.train_dataloader, lambda: dm.val_dataloader()[0]):
         with monkeypatch.context() as without_slots:
-            without_slots.setattr(dm, "_slots", lambda *args: None)
+            without_slots.setattr(dm.transport, "slots", lambda *args: None)
             usual = make()
         expected = drain(dm, usual)
         assert len(expected) > 6
@@ -199,7 +203,7 @@ def test_tasks_of_several_batches_yield_the_batches_of_one_per_task_and_resume_m
     val = grouped.val_dataloader()[0]
     assert val.batch_sampler.group > 1
     assert [b["ids"] for b in val] == [b["ids"] for b in alone.val_dataloader()[0]]
-    grouped.task_seconds = None
+    grouped.transport.task_seconds = None
     assert grouped.train_dataloader().batch_sampler.group == 1
     with pytest.raises(ValueError, match="data.task_seconds must be positive"):
         make_datamodule(tmp_path, tokenizer, task_seconds=0, **options)
@@ -234,16 +238,18 @@ def test_a_training_stream_without_a_manifest_has_slots_as_large_as_max_duration
     Path(big_archive(tmp_path)[0]).rename(root / "train-clean-100.tar.gz")
     options = dict(train_splits=["train-clean-100"], val_splits=[], test_splits=[], batch_size=3,
                    max_batch_seconds=None, batches_per_epoch=6, min_samples=100, num_workers=2)
-    assert ready(make_datamodule(root, tokenizer, **options)).train_dataloader().slots is None
-    dm = ready(make_datamodule(root, tokenizer, max_duration=1.5, **options))
+    source = ArchiveSource(str(root))
+    assert ready(make_datamodule(root, tokenizer, source, **options)).train_dataloader().slots is None
+    dm = ready(make_datamodule(root, tokenizer, source, max_duration=1.5, **options))
     loader = dm.train_dataloader()
     assert loader.slots.samples == 3 * 24_000
     by_budget = {**options, "batch_size": None, "max_batch_seconds": 1.5, "max_duration": 5.0}
-    assert ready(make_datamodule(root, tokenizer, **by_budget)).train_dataloader().slots.samples == 24_000
+    assert ready(make_datamodule(root, tokenizer, source, **by_budget)).train_dataloader().slots.samples == 24_000
     evaluated = {**options, "val_splits": ["train-clean-100"], "eval_batch_size": 3}  # no manifest: no bound
-    assert ready(make_datamodule(root, tokenizer, max_duration=1.5, **evaluated)).val_dataloader()[0].slots is None
+    assert ready(make_datamodule(root, tokenizer, source, max_duration=1.5, **evaluated)).val_dataloader()[0].slots \
+        is None
     with monkeypatch.context() as without_slots:
-        without_slots.setattr(dm, "_slots", lambda *args: None)
+        without_slots.setattr(dm.transport, "slots", lambda *args: None)
         expected = drain(dm, dm.train_dataloader())
     got = drain(dm, loader)
     assert len(got) == 6 and all(refs) and len(refs) == 6
@@ -268,7 +274,8 @@ def test_resampled_batches_at_the_budget_fit_their_slots(tmp_path, tokenizer, re
 def test_a_loader_refuses_slots_it_could_not_tag_with_their_iteration(tmp_path, tokenizer):
     slots = SharedSlots(workers=2, per_worker=1, samples=4)
     with pytest.raises(ValueError, match="need each batch's loader iteration"):
-        SpeechLoader(SpeechDataset([], Checks(tokenizer), slots=slots), batch_size=None, num_workers=2)
+        SpeechLoader(SpeechDataset(FolderSource(str(tmp_path)), [], Checks(tokenizer), slots=slots), batch_size=None,
+                     num_workers=2)
     stream = StreamDataset([], Checks(tokenizer), batch_size=2, slots=slots)
     with pytest.raises(ValueError, match="need each batch's loader iteration"):
         SpeechLoader(stream, batch_size=None, num_workers=2, persistent_workers=True)
@@ -276,18 +283,16 @@ def test_a_loader_refuses_slots_it_could_not_tag_with_their_iteration(tmp_path, 
 
 
 def test_without_room_in_shared_memory_batches_go_the_usual_way(tmp_path, tokenizer, monkeypatch, caplog):
-    import asr.data.datamodule as datamodule
-
     big_archive(tmp_path)
     dm = ready(make_datamodule(tmp_path, tokenizer, train_splits=["train-clean-100"], val_splits=[], test_splits=[],
                                max_batch_seconds=1.5, min_samples=100, num_workers=2, task_seconds=3))
     loader = dm.train_dataloader()
     assert loader.batch_sampler.group == 2
     assert loader.slots.pcm.numel() == 2 * 3 * 2 * 24_000  # workers, tasks, batches per task
-    monkeypatch.setattr(datamodule, "shared_memory_free", lambda: 700_000)  # room for tasks of 1 batch, not 2
+    monkeypatch.setattr(loaders, "shared_memory_free", lambda: 700_000)  # room for tasks of 1 batch, not 2
     loader = dm.train_dataloader()
     assert loader.batch_sampler.group == 1 and loader.slots.pcm.numel() == 2 * 3 * 24_000 and not caplog.text
-    monkeypatch.setattr(datamodule, "shared_memory_free", lambda: 400_000)
+    monkeypatch.setattr(loaders, "shared_memory_free", lambda: 400_000)
     loader = dm.train_dataloader()
     assert loader.slots is None
     assert "(0.3 MB) would take over half of the 0.4 MB free in /dev/shm" in caplog.text

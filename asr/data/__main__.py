@@ -1,7 +1,7 @@
 """Data commands, configured like training: ``python -m asr.data {inspect,download} [key=value ...]``.
 
-- ``inspect``: per split, its source, utterances, hours, speakers, duration range, character set and
-  skipped items (from the split's manifests, scanned first if needed).
+- ``inspect``: per split, its source, how each part is read, utterances, hours, speakers, duration range,
+  character set and skipped items (from the split's manifests, scanned first if needed).
 - ``download``: fetch and extract the OpenSLR archives of the configured splits into ``data.root``.
 """
 
@@ -11,44 +11,33 @@ import logging
 import statistics
 import sys
 from collections import Counter
-from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from asr.data.archive import is_archive
+from asr.builders import build_datamodule
+from asr.config import compose
 from asr.data.download import download_split
 from asr.data.librispeech import parts
-from asr.data.manifest import Manifest
-from asr.data.text import CharTokenizer, normalize
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
-
-
-def reading(manifest: Manifest) -> str:
-    """How loaders read a part: at random, or an archive in parts or whole."""
-    if not is_archive(manifest.source):
-        return "at random"
-    if manifest.index_file is not None:
-        return "in parts, through its gzip index"
-    return "whole, by every shard (its server serves no byte ranges)"
+from asr.data.sources.demo import DemoSource
+from asr.data.text import normalize
 
 
 def inspect(cfg: DictConfig) -> None:
-    datamodule = instantiate(cfg.data, tokenizer=CharTokenizer(), _convert_="all")
+    datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
+    source = datamodule.source
     for split in dict.fromkeys([*datamodule.train_splits, *datamodule.val_splits, *datamodule.test_splits]):
-        manifests = datamodule.manifest(split)
-        utterances, problems = datamodule.load_split(split, split in datamodule.train_splits, manifests)
+        manifests = datamodule.catalog.manifest(split)
+        utterances, problems = datamodule.catalog.read(split, split in datamodule.train_splits, manifests)
         skipped = Counter(p.reason for p in problems)
         durations = [u.duration for u in utterances] or [0.0]
         characters = "".join(sorted({c for u in utterances for c in normalize(u.transcript)}))
         print(
             f"{split}: {len(utterances)} utterances, {sum(durations) / 3600:.2f} h, "
             f"{len({u.speaker for u in utterances})} speakers\n"
-            f"  from: {', '.join(datamodule.locations(split))}\n"
-            f"  read: {'; '.join(reading(m) for m in manifests)}\n"
+            f"  from: {', '.join(source.locations(split))}\n"
+            f"  read: {'; '.join(source.reading(m) for m in manifests)}\n"
             f"  duration min/mean/max: {min(durations):.2f} / {statistics.mean(durations):.2f} / "
             f"{max(durations):.2f} s\n"
             f"  characters: {characters!r}\n"
@@ -58,8 +47,8 @@ def inspect(cfg: DictConfig) -> None:
 
 def download(cfg: DictConfig) -> None:
     data = cfg.data
-    if data.get("demo_corpus") is not None:
-        raise SystemExit("data=demo is synthesised locally; there is nothing to download")
+    if isinstance(instantiate(data.source), DemoSource):
+        raise SystemExit("data/source=demo is synthesised locally; there is nothing to download")
     splits = [*data.train_splits, *data.val_splits, *data.test_splits]
     for part in dict.fromkeys(part for split in splits for part in parts(split)):
         print(download_split(part, data.root))
@@ -73,9 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         raise SystemExit(f"usage: python -m asr.data {{{','.join(COMMANDS)}}} [key=value ...]")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=argv[1:])
-    COMMANDS[argv[0]](cfg)
+    COMMANDS[argv[0]](compose("train", argv[1:]))
 
 
 if __name__ == "__main__":

@@ -31,10 +31,6 @@ INDEX_SPACING = 16 << 20
 _READ_BLOCK = 1 << 20  # bytes per read of an archive over HTTP by ranges
 
 
-def is_archive(location: str) -> bool:
-    return location.endswith((".tar.gz", ".tgz"))
-
-
 @contextmanager
 def replaced_atomically(path: Path) -> Iterator[Path]:
     """A temporary file, unique to this writer, next to ``path``, that replaces it when written: readers never see

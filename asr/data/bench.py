@@ -24,8 +24,6 @@ The ``key=value`` overrides are the training config's (default ``experiment=demo
 from __future__ import annotations
 
 import argparse
-import functools
-import http.server
 import itertools
 import json
 import logging
@@ -37,66 +35,23 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from asr.builders import build_datamodule
+from asr.config import compose
 from asr.data.archive import cut_regions, read_archive, read_members
-from asr.data.batching import DurationBatchSampler, bucket_stream
+from asr.data.batching import DurationBatchSampler, bucket_stream, efficiency
 from asr.data.dataset import model_inputs
-from asr.data.librispeech import SAMPLE_RATE, Problem, Utterance
+from asr.data.librispeech import Problem, Utterance
 from asr.data.manifest import load_manifest
-from asr.data.text import CharTokenizer
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
-
-
-def train_clean_100_durations(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Durations (s) imitating LibriSpeech train-clean-100 (mean 12.7 s, most within 10-16.5 s, 1.3-24.5 s):
-    80% normal(13.55, 1.6) clipped to [10, 16.5], 15% uniform(1.3, 10), 5% uniform(16.5, 24.5)."""
-    kind = rng.random(n)
-    main = np.clip(rng.normal(13.55, 1.6, n), 10.0, 16.5)
-    short = rng.uniform(1.3, 10.0, n)
-    long = rng.uniform(16.5, 24.5, n)
-    return np.where(kind < 0.80, main, np.where(kind < 0.95, short, long))
-
-
-def librispeech_like_durations(hours: float, seed: int = 0) -> list[float]:
-    """About ``hours`` of train-clean-100-like durations."""
-    durations = train_clean_100_durations(int(hours * 3600 / 12.7) + 1, np.random.default_rng(seed))
-    return durations.tolist()
-
-
-def write_long_files(utterances: list[Utterance], root: Path, files: int, seed: int = 0) -> Path:
-    """``files`` FLAC files of train-clean-100-like durations under ``root/LibriSpeech/train-clean-100``, each
-    made of consecutive ``utterances`` (speech compresses, and decodes, unlike noise) and their transcripts."""
-    rng = np.random.default_rng(seed)
-    source = itertools.cycle(utterances)
-    chapter = root / "LibriSpeech" / "train-clean-100" / "1" / "1"
-    chapter.mkdir(parents=True)
-    lines = []
-    for k, duration in enumerate(train_clean_100_durations(files, rng)):
-        pieces, words, samples = [], [], 0
-        while samples < duration * SAMPLE_RATE:
-            utt = next(source)
-            pieces.append(sf.read(utt.path, dtype="int16")[0])
-            words.append(utt.transcript)
-            samples += len(pieces[-1])
-        sf.write(chapter / f"1-1-{k:04d}.flac", np.concatenate(pieces), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-        lines.append(f"1-1-{k:04d} {' '.join(words)}")
-    (chapter / "1-1.trans.txt").write_text("\n".join(lines) + "\n")
-    return root
-
-
-def efficiency(batches: Sequence[Sequence[int]], durations: Sequence[float]) -> float:
-    real = sum(durations[i] for batch in batches for i in batch)
-    return real / sum(len(batch) * max(durations[i] for i in batch) for batch in batches)
+from asr.data.rangeserver import serve
+from asr.data.sources.archive import ArchiveSource
+from asr.data.synthetic import librispeech_like_durations, write_long_files
 
 
 def padding(durations: list[float], max_batch_seconds: float, buffer_size: int, seed: int = 0) -> dict:
@@ -182,7 +137,7 @@ def loader_rate(datamodule, workers: int, seconds: float) -> dict:
     device), over as many passes as ``seconds`` takes, timed from its first batch (worker start-up left out); and
     the CPU milliseconds per audio-second of the main process (``cpu_main``) and of the workers (``cpu_workers``,
     None without workers or ``/proc``) over that time."""
-    datamodule.num_workers = workers
+    datamodule.transport.num_workers = workers
     loader = datamodule.train_dataloader()
     audio, start = 0.0, None
     while start is None or time.perf_counter() - start < seconds:
@@ -208,62 +163,12 @@ def loader_rate(datamodule, workers: int, seconds: float) -> dict:
 def model_inputs_cost(datamodule, batches: int = 20) -> float:
     """Milliseconds per audio-second of :func:`model_inputs` on the host CPU (on a GPU it runs there), on the
     first ``batches`` batches of the train loader."""
-    datamodule.num_workers = 0
+    datamodule.transport.num_workers = 0
     loaded = list(itertools.islice(datamodule.train_dataloader(), batches))
     start = time.perf_counter()
     for batch in loaded:
         model_inputs(batch)
     return 1000 * (time.perf_counter() - start) / sum(sum(b["lengths"]) / 16_000 for b in loaded)
-
-
-class _RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """A folder's files, a single byte range at a time ("bytes=N-" or "bytes=N-M"), as OpenSLR's server sends them."""
-
-    length: int | None = None  # of the range being sent
-
-    def send_head(self):
-        self.length = None
-        path = Path(self.translate_path(self.path))
-        first, dash, last = self.headers.get("Range", "").removeprefix("bytes=").partition("-")
-        if not (dash and first.isdigit() and path.is_file()):
-            return super().send_head()
-        stat = path.stat()
-        start, end = int(first), min(int(last) if last else stat.st_size - 1, stat.st_size - 1)
-        source = open(path, "rb")  # closed by the handler, after copyfile
-        source.seek(start)
-        self.send_response(206)
-        self.send_header("ETag", f'"{stat.st_size}-{stat.st_mtime_ns}"')
-        self.send_header("Content-Range", f"bytes {start}-{end}/{stat.st_size}")
-        self.send_header("Content-Length", str(end - start + 1))
-        self.end_headers()
-        self.length = end - start + 1
-        return source
-
-    def copyfile(self, source, outputfile) -> None:
-        left = self.length
-        while left is None or left > 0:
-            chunk = source.read(1 << 20 if left is None else min(left, 1 << 20))
-            if not chunk:
-                return
-            outputfile.write(chunk)
-            left = None if left is None else left - len(chunk)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-class QuietServer(http.server.ThreadingHTTPServer):
-    """A threading HTTP server that does not print the connections its clients drop."""
-
-    def handle_error(self, request, client_address) -> None:
-        if not isinstance(sys.exc_info()[1], ConnectionError):  # a reader that seeks elsewhere drops its response
-            super().handle_error(request, client_address)
-
-
-def _serve(folder: str, port) -> None:
-    server = QuietServer(("127.0.0.1", 0), functools.partial(_RangeHandler, directory=folder))
-    port.put(server.server_address[1])
-    server.serve_forever()
 
 
 def _timed(records) -> dict:
@@ -286,9 +191,11 @@ def archive_reading(folder: str, shards: int, tmp: Path, over_http: bool = False
     packed = time.perf_counter() - start
     shard = shards // 2
 
+    source = ArchiveSource(str(tmp))
+
     def timings(location: str, name: str) -> dict:
         start = time.perf_counter()
-        manifest = load_manifest(location, tmp / name)
+        manifest = load_manifest(source, location, tmp / name)
         scanned = time.perf_counter() - start
         streamed = _timed(read_archive(location, shard, shards))
         by_region = _timed(read_members(location, manifest.index_file,
@@ -302,7 +209,7 @@ def archive_reading(folder: str, shards: int, tmp: Path, over_http: bool = False
     if over_http:
         context = multiprocessing.get_context("fork")
         port = context.Queue()
-        server = context.Process(target=_serve, args=(str(tmp), port), daemon=True)
+        server = context.Process(target=serve, args=(str(tmp), port), daemon=True)
         server.start()
         try:
             url = f"http://127.0.0.1:{port.get(timeout=30)}/{archive.name}"
@@ -314,14 +221,12 @@ def archive_reading(folder: str, shards: int, tmp: Path, over_http: bool = False
 
 
 def train_data(overrides: list[str]):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    datamodule = instantiate(cfg.data, tokenizer=CharTokenizer(), _convert_="all")
+    datamodule = build_datamodule(compose("train", overrides))
     datamodule.prepare_data()
     datamodule.setup("fit")
-    if datamodule.is_stream(datamodule.train_splits):
-        raise SystemExit("the throughput benchmark reads extracted folders; point data.root at one")
-    return datamodule, [u for split in datamodule.train_splits for u in datamodule._train_utterances[split]]
+    if not datamodule.source.random_access:
+        raise SystemExit("the throughput benchmark reads audio files; choose a source read at random (data/source=...)")
+    return datamodule, [u for split in datamodule.train_splits for u in datamodule.catalog.load(split, True)]
 
 
 def throughput(datamodule, utterances: list[Utterance], workers: list[int], seconds: float, rounds: int) -> dict:
@@ -369,18 +274,19 @@ def run(overrides: list[str], workers: list[int], seconds: float, rounds: int, s
         with tempfile.TemporaryDirectory() as tmp:
             root = write_long_files(utterances, Path(tmp), long_files)
             long_data, long_utterances = train_data([
-                *overrides, f"data.root={root}", "data.demo_corpus=null", "data.train_splits=[train-clean-100]",
+                *(o for o in overrides if not o.startswith("data/source=")), "data/source=folder", f"data.root={root}",
+                "data.train_splits=[train-clean-100]",
                 "data.val_splits=[]", "data.test_splits=[]", "data.batch_size=null",
                 f"data.max_batch_seconds={synthetic_batch_seconds}", "data.max_duration=null",
             ])
             loader["long_files"] = throughput(long_data, long_utterances, workers, seconds, rounds)
     if archive_shards:
         with tempfile.TemporaryDirectory() as tmp:
-            folders = {location for split in datamodule.train_splits for location in datamodule.locations(split)}
+            folders = {location for split in datamodule.train_splits for location in datamodule.source.locations(split)}
             if len(folders) != 1 or not Path(next(iter(folders))).is_dir():
                 raise SystemExit(f"--archive-shards packs one train split folder; the train splits are {folders}")
             loader["archive"] = archive_reading(folders.pop(), archive_shards, Path(tmp), archive_http)
-    budget = datamodule.max_batch_seconds or synthetic_batch_seconds
+    budget = datamodule.budget.max_batch_seconds or synthetic_batch_seconds
     return {
         "corpus": {"splits": datamodule.train_splits, "root": str(datamodule.root)},
         "loader": loader,

@@ -1,4 +1,4 @@
-"""LibriSpeech records, split names and sources, and reading a split folder
+"""LibriSpeech records and split names, and reading a split folder
 ``<root>/LibriSpeech/<split>/<speaker>/<chapter>/``."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def parts(split: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Utterance:
     id: str
-    path: str  # the audio file, or the archive (or Hugging Face split, asr.data.hf) that holds ``member``
+    path: str  # the audio file, or the archive (or Hugging Face split, asr.data.sources.hf) that holds ``member``
     transcript: str
     speaker: str
     num_samples: int
@@ -81,20 +81,6 @@ def apply_policy(problems: list[Problem], on_error: str) -> list[Problem]:
 
 def split_dir(root: str | Path, split: str) -> Path:
     return Path(root).expanduser() / "LibriSpeech" / split
-
-
-def locate(root: str | Path, part: str, archive_url: str | None = None) -> str:
-    """Where a part is read from: ``<archive_url>/<part>.tar.gz`` when that is set, else the folder
-    ``<root>/LibriSpeech/<part>/``, else the archive ``<root>/<part>.tar.gz``."""
-    if archive_url:
-        return f"{archive_url.rstrip('/')}/{part}.tar.gz"
-    directory = split_dir(root, part)
-    if directory.is_dir():
-        return str(directory)
-    archive = Path(root).expanduser() / f"{part}.tar.gz"
-    if archive.is_file():
-        return str(archive)
-    raise FileNotFoundError(f"LibriSpeech split {part!r} not found: neither {directory}/ nor {archive}")
 
 
 def parse_transcripts(text: str) -> dict[str, str]:

@@ -1,89 +1,36 @@
-"""Manifests: per LibriSpeech part, every utterance (id, file or archive member, length, transcript, speaker)
-and every problem found, written by a one-time scan and reused while the source stays unchanged."""
+"""Manifests: per part, every utterance (id, file, archive member or row, length, transcript, speaker) and every
+problem found, written by a source's one-time scan and reused while its fingerprint stays unchanged."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from asr.data import hf
-from asr.data.archive import is_archive, read_archive, replaced_atomically, serves_ranges
-from asr.data.librispeech import Problem, Utterance, progress_bar, scan_directory
-from asr.data.remote import is_url
+from asr.data.archive import replaced_atomically
+from asr.data.librispeech import Problem, Utterance
+
+if TYPE_CHECKING:
+    from asr.data.sources import Source
 
 log = logging.getLogger(__name__)
 
 # 2: archive members' offsets and sizes, and the gzip index of a local archive; 3: of an archive over HTTP too
 VERSION = 3
-UNKNOWN = "unknown"  # the fingerprint of a URL whose server does not answer HEAD
+UNKNOWN = "unknown"  # the fingerprint of a location that cannot be checked now: its manifest is trusted
 
 
 @dataclass
 class Manifest:
-    source: str  # a split folder, or an archive file or URL
+    source: str  # the part's location (asr.data.sources.Source.location)
     fingerprint: str
     utterances: list[Utterance]  # a folder's sorted by id; an archive's in stream order
     problems: list[Problem]
     index_file: str | None = None  # an archive's gzip index, to read it in parts (asr.data.archive.read_members)
-
-
-def fingerprint(location: str) -> str:
-    """A cheap identity of a source: a folder's file names, sizes and times; an archive's size and time; a
-    Hugging Face split's cache files'."""
-    if hf.is_hf(location):
-        return hf.fingerprint(location)
-    if is_url(location):
-        try:
-            request = urllib.request.Request(location, method="HEAD")
-            with urllib.request.urlopen(request, timeout=30) as response:
-                headers = response.headers
-                return f"{headers.get('Content-Length')}/{headers.get('Last-Modified')}/{headers.get('ETag')}"
-        except urllib.error.URLError as err:
-            log.warning("Cannot check whether %s changed (%s)", location, err)
-            return UNKNOWN
-    path = Path(location).expanduser()
-    if path.is_file():
-        stat = path.stat()
-        return f"{stat.st_size}/{stat.st_mtime_ns}"
-    if not path.is_dir():
-        raise FileNotFoundError(f"{location} does not exist")
-    digest = hashlib.sha1()
-    for folder, subfolders, files in os.walk(path):
-        subfolders.sort()
-        for name in sorted(files):
-            stat = os.stat(os.path.join(folder, name))
-            digest.update(f"{folder}/{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def scan(location: str, workers: int = 1, index_to: Path | None = None) -> Manifest:
-    """Read every transcript and audio header of a folder (in parallel), an archive (in one pass) or a Hugging
-    Face split. The gzip index of an archive that can be read in parts (a local file, or a URL whose server serves
-    byte ranges) is written to ``index_to`` on the way."""
-    if hf.is_hf(location):
-        return Manifest(location, "", *hf.scan(location))
-    if not is_archive(location):
-        return Manifest(location, "", *scan_directory(location, workers))
-    if is_url(location) and not serves_ranges(location):
-        log.warning("%s: the server does not serve byte ranges, so every stream shard will read the whole "
-                    "archive; download it first (python -m asr.data download) to read it in parts", location)
-        index_to = None
-    utterances, problems = [], []
-    with progress_bar() as progress:
-        for record in read_archive(location, progress=progress, index_to=index_to):
-            if isinstance(record, Problem):
-                problems.append(record)
-            else:
-                utterances.append(record[0])
-    return Manifest(location, "", utterances, problems, None if index_to is None else str(index_to))
 
 
 def index_file_of(path: Path) -> Path:
@@ -111,18 +58,18 @@ def _write(manifest: Manifest, path: Path) -> None:
         partial.write_text(json.dumps(data))
 
 
-def load_manifest(location: str, path: str | Path, workers: int = 1, verify: bool = True) -> Manifest:
-    """The manifest of ``location`` cached at ``path``; scanned and written when missing, or when ``verify``
-    finds that the source changed since. An archive's gzip index goes next to it (``.gzidx``)."""
+def load_manifest(source: Source, location: str, path: str | Path, verify: bool = True) -> Manifest:
+    """The manifest of ``source``'s ``location`` cached at ``path``; scanned and written when missing, or when
+    ``verify`` finds that the location changed since. An archive's gzip index goes next to it (``.gzidx``)."""
     path = Path(path).expanduser()
     cached = _read(path)
     if cached is not None and cached.source == location and not verify:
         return cached
-    current = fingerprint(location)
+    current = source.fingerprint(location)
     if cached is not None and cached.source == location and current in (cached.fingerprint, UNKNOWN):
         return cached
     start = time.perf_counter()
-    manifest = scan(location, workers, index_file_of(path))
+    manifest = source.scan(location, index_file_of(path))
     manifest.fingerprint = current
     _write(manifest, path)
     hours = sum(u.duration for u in manifest.utterances) / 3600

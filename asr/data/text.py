@@ -6,8 +6,6 @@ import json
 import re
 from pathlib import Path
 
-import torch
-
 PAD, BOS, EOS, UNK, WORD_DELIMITER = "<pad>", "<s>", "</s>", "<unk>", "|"
 # Same layout as the vocab.json of facebook/wav2vec2-base-960h and the hubert-*-ft checkpoints, so ids
 # line up with transformers' Wav2Vec2CTCTokenizer and with published CTC heads.
@@ -57,15 +55,6 @@ class CharTokenizer:
         specials = {self.pad_id, self.token_to_id[BOS], self.token_to_id[EOS]}
         chars = [" " if i == self.delimiter_id else self.vocab[i] for i in ids if i not in specials]
         return _SPACES.sub(" ", "".join(chars)).strip()
-
-    def ctc_decode(self, ids: list[int]) -> str:
-        """Greedy CTC: collapse repeats, then drop blanks."""
-        collapsed = [i for k, i in enumerate(ids) if k == 0 or i != ids[k - 1]]
-        return self.decode([i for i in collapsed if i != self.pad_id])
-
-    def batch_ctc_decode(self, logits: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-        best = logits.argmax(dim=-1).cpu().tolist()
-        return [self.ctc_decode(seq[:n]) for seq, n in zip(best, lengths.cpu().tolist(), strict=True)]
 
     def save(self, directory: str | Path) -> Path:
         """Write vocab.json in the format of transformers' Wav2Vec2CTCTokenizer."""

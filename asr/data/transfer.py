@@ -170,10 +170,8 @@ class Task(list):
 
 class Tasks(Sampler[Task]):
     """A batch sampler's batches, ``group`` to a task, each tagged when drawn (in the main process) with
-    :attr:`SharedSlots.iteration` (0 without ``slots``).
-
-    A task costs its worker and the main process some 0.3 ms each of queues and pickling, as much as decoding
-    about 1 s of audio: a task of several small batches spreads that over more audio."""
+    :attr:`SharedSlots.iteration` (0 without ``slots``). A task costs its worker and the main process the same in
+    queues and pickling however much audio it holds: a task of several small batches spreads that over more."""
 
     def __init__(self, batches: Iterable[list[int]], slots: SharedSlots | None, group: int = 1) -> None:
         if group < 1:

@@ -11,12 +11,17 @@ folders and archives, with the row as ``index``; the FLAC bytes are decoded by o
 from __future__ import annotations
 
 import functools
+import importlib.util
 import io
 import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import soundfile as sf
 
 from asr.data.librispeech import DataError, Problem, Utterance, progress_bar
+from asr.data.manifest import Manifest
+from asr.data.sources.base import Source
 
 PREFIX = "hf://"
 CONFIG = "all"
@@ -28,10 +33,6 @@ def location(dataset: str, part: str) -> str:
     ``dataset``, a hub id or a folder."""
     split = "validation" + part.removeprefix("dev") if part.startswith("dev-") else part
     return f"{PREFIX}{dataset}#{split.replace('-', '.')}"
-
-
-def is_hf(location: str) -> bool:
-    return location.startswith(PREFIX)
 
 
 @functools.cache
@@ -111,3 +112,42 @@ def scan(location: str) -> tuple[list[Utterance], list[Problem]]:
                                             member=utt_id, index=start + k))
             progress.advance(task, len(rows["id"]))
     return utterances, problems
+
+
+class HfSource(Source):
+    """The parts of ``dataset``: a hub id (from the Hugging Face cache, else downloaded by ``datasets``) or a local
+    copy of the dataset's folder."""
+
+    def __init__(self, dataset: str = "openslr/librispeech_asr") -> None:
+        self.dataset = dataset
+        self._splits: dict = {}  # location -> the opened split, pickled by file name to DataLoader workers
+
+    def location(self, part: str) -> str:
+        return location(self.dataset, part)
+
+    def fingerprint(self, location: str) -> str:
+        return fingerprint(location)
+
+    def scan(self, location: str, index_to: Path) -> Manifest:
+        return Manifest(location, "", *scan(location))
+
+    def preopen(self, utterances: Iterable[Utterance]) -> None:
+        for path in {u.path for u in utterances} - self._splits.keys():
+            self._splits[path] = open_split(path)
+
+    def open(self, utt: Utterance) -> io.BytesIO | str:
+        self.preopen([utt])
+        return audio(self._splits[utt.path], utt)
+
+    def missing(self, splits: Sequence[str]) -> str | None:
+        """A hub id is left to ``datasets`` (from its cache, or downloaded); a folder must exist."""
+        if importlib.util.find_spec("datasets") is None:
+            return f'data.source.dataset={self.dataset} needs the datasets library: pip install -e ".[hf]".'
+        if _is_path(self.dataset) and not Path(self.dataset).expanduser().is_dir():
+            return (f"data.source.dataset={self.dataset} is not a folder (a local copy of openslr/librispeech_asr, "
+                    "or its hub id).")
+        return None
+
+
+def _is_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
