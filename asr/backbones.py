@@ -11,22 +11,44 @@ from transformers import AutoConfig, AutoModelForCTC, PretrainedConfig, PreTrain
 from asr.data.text import CharTokenizer
 
 _LARGE = {
-    "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
-    "conv_dim": [512] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2],
-    "feat_extract_norm": "layer", "do_stable_layer_norm": True, "num_conv_pos_embeddings": 128,
-    "num_conv_pos_embedding_groups": 16, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 4096,
+    "conv_dim": [512] * 7,
+    "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
+    "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+    "feat_extract_norm": "layer",
+    "do_stable_layer_norm": True,
+    "num_conv_pos_embeddings": 128,
+    "num_conv_pos_embedding_groups": 16,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
 }
 # The architectures of the pretrained encoders that conf/model names: their facts and random-init runs need no hub.
 ARCHITECTURES = {
-    "facebook/hubert-large-ll60k": {"model_type": "hubert", **_LARGE, "conv_bias": True,
-                                    "feat_proj_layer_norm": True},
+    "facebook/hubert-large-ll60k": {"model_type": "hubert", **_LARGE, "conv_bias": True, "feat_proj_layer_norm": True},
     "facebook/wav2vec2-large-lv60": {"model_type": "wav2vec2", **_LARGE, "conv_bias": True},
-    "microsoft/wavlm-large": {"model_type": "wavlm", **_LARGE, "conv_bias": False, "num_buckets": 320,
-                              "max_bucket_distance": 800},
+    "microsoft/wavlm-large": {
+        "model_type": "wavlm",
+        **_LARGE,
+        "conv_bias": False,
+        "num_buckets": 320,
+        "max_bucket_distance": 800,
+    },
 }
 # Keys of a saved config that are not architecture: the CTC head's size comes from the tokenizer.
-_NOT_ARCHITECTURE = ("vocab_size", "pad_token_id", "architectures", "transformers_version", "_name_or_path",
-                     "torch_dtype", "dtype", "id2label", "label2id")
+_NOT_ARCHITECTURE = (
+    "vocab_size",
+    "pad_token_id",
+    "architectures",
+    "transformers_version",
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
+    "id2label",
+    "label2id",
+)
 
 
 def architecture_overrides(config: Mapping) -> dict:
@@ -34,8 +56,9 @@ def architecture_overrides(config: Mapping) -> dict:
     return {k: v for k, v in config.items() if k not in _NOT_ARCHITECTURE}
 
 
-def build_backbone(pretrained: str | None, config: Mapping, tokenizer: CharTokenizer,
-                   attn_implementation: str | None = None) -> PreTrainedModel:
+def build_backbone(
+    pretrained: str | None, config: Mapping, tokenizer: CharTokenizer, attn_implementation: str | None = None
+) -> PreTrainedModel:
     """Load ``pretrained`` (hub id or local folder) with ``config`` as overrides, or random-init from ``config``.
 
     The CTC head is sized from the tokenizer, and its blank is the tokenizer's pad id. ``attn_implementation``
@@ -60,8 +83,10 @@ def known_architecture(pretrained: str) -> dict:
     except OSError:
         if pretrained in ARCHITECTURES:
             return dict(ARCHITECTURES[pretrained])
-        raise SystemExit(f"{pretrained!r}: no config in a local folder or the Hugging Face cache, and no entry in "
-                         "asr.backbones.ARCHITECTURES") from None
+        raise SystemExit(
+            f"{pretrained!r}: no config in a local folder or the Hugging Face cache, and no entry in "
+            "asr.backbones.ARCHITECTURES"
+        ) from None
 
 
 def random_init(model_cfg: DictConfig) -> str | None:

@@ -113,8 +113,10 @@ def write_corpus(spec: DictConfig) -> Path:
         (root / f"index-{split}.json").write_text(json.dumps(index))
         in_range = (durations >= 10 * scale) & (durations <= 16.5 * scale)
         stats[split] = {
-            "utterances": count, "hours": round(float(durations.sum()) / 3600, 3),
-            "mean_s": round(float(durations.mean()), 2), "min_s": round(float(durations.min()), 2),
+            "utterances": count,
+            "hours": round(float(durations.sum()) / 3600, 3),
+            "mean_s": round(float(durations.mean()), 2),
+            "min_s": round(float(durations.min()), 2),
             "max_s": round(float(durations.max()), 2),
             "share_10_to_16.5_s": round(float(in_range.mean()), 3),
         }
@@ -145,8 +147,15 @@ class Meter:
     after each step; it returns True when the run can stop (after the measured and the profiled steps).
     """
 
-    def __init__(self, warmup: int, steps: int, device: torch.device, sync_debug: bool = False,
-                 profile_steps: int = 0, profile_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        warmup: int,
+        steps: int,
+        device: torch.device,
+        sync_debug: bool = False,
+        profile_steps: int = 0,
+        profile_path: Path | None = None,
+    ) -> None:
         self.warmup, self.steps, self.device = warmup, steps, device
         self.cuda = device.type == "cuda"
         self.sync_debug = sync_debug and self.cuda
@@ -250,8 +259,9 @@ class Meter:
             out["step_time_ms_median"] = statistics.median(times)
             out["step_time_ms_max"] = max(times)
         if self.sync_debug:
-            where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in self._caught
-                            if "synchroniz" in str(w.message))
+            where = Counter(
+                f"{Path(w.filename).name}:{w.lineno}" for w in self._caught if "synchroniz" in str(w.message)
+            )
             out["syncs_per_step"] = sum(where.values()) / self.steps
             out["sync_sites"] = dict(where.most_common(12))
         return out
@@ -313,9 +323,13 @@ def _memory(result: dict) -> None:
 def _arm_settings(cfg: DictConfig) -> dict:
     model, data, opt = cfg.model, cfg.data, cfg.optimizer
     return {
-        "precision": str(cfg.trainer.precision), "batch_size": data.get("batch_size"),
-        "max_batch_seconds": data.get("max_batch_seconds"), "num_workers": data.get("num_workers"),
-        "fused": opt.get("fused"), "compile": model.get("compile"), "packed": model.get("packed", False),
+        "precision": str(cfg.trainer.precision),
+        "batch_size": data.get("batch_size"),
+        "max_batch_seconds": data.get("max_batch_seconds"),
+        "num_workers": data.get("num_workers"),
+        "fused": opt.get("fused"),
+        "compile": model.get("compile"),
+        "packed": model.get("packed", False),
         "device_specaugment": model.get("device_specaugment", True),
         "sync_free_logging": model.get("sync_free_logging", True),
         "attn_implementation": model.get("attn_implementation"),
@@ -343,14 +357,24 @@ def run_ours(cfg: DictConfig, corpus: Path, name: str, run_dir: Path, flops: dic
         model.to(device)
         flops[key] = flops_per_audio_second(model.backbone, cfg.bench.flops_seconds, tokenizer)
     bench = cfg.bench
-    meter = Meter(bench.warmup_steps, bench.steps, device, bench.sync_debug, bench.profile_steps,
-                  run_dir / f"profile-{name}.txt")
+    meter = Meter(
+        bench.warmup_steps, bench.steps, device, bench.sync_debug, bench.profile_steps, run_dir / f"profile-{name}.txt"
+    )
     callbacks = [LightningMeter(meter), *(build_callbacks(cfg, only=("progress",)) if bench.progress_bar else [])]
     logger = build_logger(cfg, name=f"csv-{name}") if bench.logger else False
     trainer = build_trainer(
-        cfg, callbacks=callbacks, logger=logger, max_steps=meter.total_steps, max_epochs=-1,
-        max_time=None, limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
-        enable_model_summary=False, fast_dev_run=False, enable_progress_bar=len(callbacks) > 1,
+        cfg,
+        callbacks=callbacks,
+        logger=logger,
+        max_steps=meter.total_steps,
+        max_epochs=-1,
+        max_time=None,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        fast_dev_run=False,
+        enable_progress_bar=len(callbacks) > 1,
         default_root_dir=str(run_dir / name),
     )
     trainer.fit(model, datamodule=datamodule)
@@ -399,8 +423,7 @@ def run_hf_trainer(cfg: DictConfig, corpus: Path, run_dir: Path, flops: dict) ->
     tokenizer = build_tokenizer()
     model_config = OmegaConf.to_container(cfg.model.config or {}, resolve=True)
     with torch.device(device):
-        backbone = build_backbone(cfg.model.get("pretrained"), model_config, tokenizer,
-                                  hf.attn_implementation)
+        backbone = build_backbone(cfg.model.get("pretrained"), model_config, tokenizer, hf.attn_implementation)
     backbone.config.ctc_loss_reduction = hf.ctc_loss_reduction
     backbone.config.ctc_zero_infinity = True
     backbone.freeze_feature_encoder()
@@ -409,8 +432,14 @@ def run_hf_trainer(cfg: DictConfig, corpus: Path, run_dir: Path, flops: dict) ->
     if key not in flops:
         flops[key] = flops_per_audio_second(backbone, bench.flops_seconds, tokenizer)
     index = json.loads((corpus / f"index-{TRAIN}.json").read_text())
-    meter = Meter(bench.warmup_steps, bench.steps, device, bench.sync_debug, bench.profile_steps,
-                  run_dir / "profile-hf_trainer.txt")
+    meter = Meter(
+        bench.warmup_steps,
+        bench.steps,
+        device,
+        bench.sync_debug,
+        bench.profile_steps,
+        run_dir / "profile-hf_trainer.txt",
+    )
 
     class MeterCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -433,27 +462,54 @@ def run_hf_trainer(cfg: DictConfig, corpus: Path, run_dir: Path, flops: dict) ->
 
     fp16 = bool(hf.fp16) and device.type == "cuda"
     args = TrainingArguments(
-        output_dir=str(run_dir / "hf_trainer"), per_device_train_batch_size=hf.batch_size,
-        learning_rate=hf.learning_rate, warmup_steps=hf.warmup_steps, lr_scheduler_type="linear",
-        optim=hf.optim, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0,
-        fp16=fp16, gradient_checkpointing=bool(hf.gradient_checkpointing),
-        train_sampling_strategy="group_by_length", max_steps=meter.total_steps, save_strategy="no",
-        report_to="none", logging_steps=500, seed=cfg.seed, dataloader_num_workers=hf.num_workers,
-        remove_unused_columns=False, disable_tqdm=True, use_cpu=device.type == "cpu",
+        output_dir=str(run_dir / "hf_trainer"),
+        per_device_train_batch_size=hf.batch_size,
+        learning_rate=hf.learning_rate,
+        warmup_steps=hf.warmup_steps,
+        lr_scheduler_type="linear",
+        optim=hf.optim,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        weight_decay=0.0,
+        fp16=fp16,
+        gradient_checkpointing=bool(hf.gradient_checkpointing),
+        train_sampling_strategy="group_by_length",
+        max_steps=meter.total_steps,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=500,
+        seed=cfg.seed,
+        dataloader_num_workers=hf.num_workers,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        use_cpu=device.type == "cpu",
     )
-    trainer = CardTrainer(model=backbone, args=args, train_dataset=_FlacDataset(index, tokenizer),
-                          data_collator=_pad_for_ctc, callbacks=[MeterCallback()])
+    trainer = CardTrainer(
+        model=backbone,
+        args=args,
+        train_dataset=_FlacDataset(index, tokenizer),
+        data_collator=_pad_for_ctc,
+        callbacks=[MeterCallback()],
+    )
     hook = backbone.register_forward_pre_hook(count_audio, with_kwargs=True)
     try:
         trainer.train()
     finally:
         hook.remove()
-    result = {**meter.result(), "flops_per_audio_second": flops[key], "settings": {
-        "precision": "16-mixed" if fp16 else "32-true", "batch_size": hf.batch_size,
-        "gradient_checkpointing": bool(hf.gradient_checkpointing), "optim": hf.optim,
-        "attn_implementation": hf.attn_implementation, "num_workers": hf.num_workers,
-        "train_sampling_strategy": "group_by_length",
-    }}
+    result = {
+        **meter.result(),
+        "flops_per_audio_second": flops[key],
+        "settings": {
+            "precision": "16-mixed" if fp16 else "32-true",
+            "batch_size": hf.batch_size,
+            "gradient_checkpointing": bool(hf.gradient_checkpointing),
+            "optim": hf.optim,
+            "attn_implementation": hf.attn_implementation,
+            "num_workers": hf.num_workers,
+            "train_sampling_strategy": "group_by_length",
+        },
+    }
     _memory(result)
     return result
 
@@ -483,8 +539,10 @@ def _finish(result: dict, peak_tflops: float, cuda: bool, baseline: float | None
 
 
 def _table(results: dict) -> str:
-    head = f"{'arm':<28} {'audio-s/s':>10} {'step ms':>8} {'audio s/step':>12} {'pad':>5} {'peak GiB':>8} " \
-           f"{'MFU':>6} {'x HF':>6}"
+    head = (
+        f"{'arm':<28} {'audio-s/s':>10} {'step ms':>8} {'audio s/step':>12} {'pad':>5} {'peak GiB':>8} "
+        f"{'MFU':>6} {'x HF':>6}"
+    )
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         if "error" in r:
@@ -493,9 +551,11 @@ def _table(results: dict) -> str:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         ratio = f"{r['ratio_to_hf_trainer']:.2f}" if r.get("ratio_to_hf_trainer") else "-"
         peak = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "-"
-        lines.append(f"{name:<28} {r['audio_seconds_per_second']:>10.1f} {r['step_time_ms']:>8.1f} "
-                     f"{r['audio_seconds_per_step']:>12.1f} {r['padding_fraction']:>5.3f} {peak:>8} {mfu:>6} "
-                     f"{ratio:>6}")
+        lines.append(
+            f"{name:<28} {r['audio_seconds_per_second']:>10.1f} {r['step_time_ms']:>8.1f} "
+            f"{r['audio_seconds_per_step']:>12.1f} {r['padding_fraction']:>5.3f} {peak:>8} {mfu:>6} "
+            f"{ratio:>6}"
+        )
     return "\n".join(lines)
 
 
@@ -510,8 +570,11 @@ def bench(cfg: DictConfig) -> dict:
     report = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "cpus": os.cpu_count(),
-        "versions": {"torch": torch.__version__, "lightning": L.__version__,
-                     "transformers": __import__("transformers").__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "transformers": __import__("transformers").__version__,
+        },
         "corpus": {"root": str(corpus), **corpus_stats(corpus)},
         "peak_tflops": spec.peak_tflops,
         "overrides": list(HydraConfig.get().overrides.task),
@@ -564,4 +627,3 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
-

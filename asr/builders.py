@@ -25,8 +25,9 @@ def build_decoder(cfg: DictConfig, tokenizer: CharTokenizer) -> Decoder:
     return instantiate(cfg.decoder, tokenizer=tokenizer)
 
 
-def build_datamodule(cfg: DictConfig, tokenizer: CharTokenizer | None = None,
-                     input_facts: dict | None = None) -> SpeechDataModule:
+def build_datamodule(
+    cfg: DictConfig, tokenizer: CharTokenizer | None = None, input_facts: dict | None = None
+) -> SpeechDataModule:
     """The DataModule of ``cfg.data``, told the model's sample rate, receptive field and frame rate: those of a
     built model (``model.input_facts``) where there is one, else read from ``cfg.model``."""
     facts = input_facts or encoder_facts(cfg.model)
@@ -35,8 +36,12 @@ def build_datamodule(cfg: DictConfig, tokenizer: CharTokenizer | None = None,
 
 def build_model(cfg: DictConfig, tokenizer: CharTokenizer, **overrides) -> SpeechRecognizer:
     """The LightningModule of ``cfg.model``, with the optimizer, schedule and decoder of the config."""
-    parts = {"tokenizer": tokenizer, "decoder": build_decoder(cfg, tokenizer), "optimizer": instantiate(cfg.optimizer),
-             "scheduler": instantiate(cfg.scheduler) if cfg.get("scheduler") else None}
+    parts = {
+        "tokenizer": tokenizer,
+        "decoder": build_decoder(cfg, tokenizer),
+        "optimizer": instantiate(cfg.optimizer),
+        "scheduler": instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+    }
     return instantiate(cfg.model, **{**parts, **overrides}, _convert_="all")
 
 

@@ -32,16 +32,18 @@ def load_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-def load_recognizer(path: str | Path, tokenizer: CharTokenizer, decoder: Decoder | None = None,
-                    runtime: dict | None = None, **overrides) -> SpeechRecognizer:
+def load_recognizer(
+    path: str | Path, tokenizer: CharTokenizer, decoder: Decoder | None = None, runtime: dict | None = None, **overrides
+) -> SpeechRecognizer:
     """The model of a checkpoint for evaluation: its architecture and weights, with the ``runtime`` settings
     (:data:`RUNTIME_KEYS`) of the caller and any ``overrides`` of its other arguments (``test_splits``, ...)."""
     checkpoint = load_checkpoint(path)
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     hparams.update(pretrained=None, config=architecture_overrides(checkpoint["backbone_config"]))
     runtime = {k: v for k, v in (runtime or {}).items() if k in RUNTIME_KEYS}
-    model = SpeechRecognizer(**{**hparams, **runtime, "tokenizer": tokenizer, "decoder": decoder,
-                                "optimizer": None, **overrides})
+    model = SpeechRecognizer(
+        **{**hparams, **runtime, "tokenizer": tokenizer, "decoder": decoder, "optimizer": None, **overrides}
+    )
     model.load_state_dict(checkpoint["state_dict"])
     log.info("Loaded %s (global step %s)", path, checkpoint.get("global_step"))
     return model

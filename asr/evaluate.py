@@ -76,12 +76,16 @@ class EvalMeter(Callback):
     def result(self) -> dict:
         audio = float(self.audio) / self.sample_rate
         out = {
-            "audio_seconds": audio, "utterances": self.utterances, "batches": self.batches,
-            "seconds": self.t1 - self.t0, "audio_seconds_per_second": audio / (self.t1 - self.t0),
+            "audio_seconds": audio,
+            "utterances": self.utterances,
+            "batches": self.batches,
+            "seconds": self.t1 - self.t0,
+            "audio_seconds_per_second": audio / (self.t1 - self.t0),
         }
         if self.t_warm is not None and self.t1 > self.t_warm and self.batches > self.warmup_batches:
-            out["audio_seconds_per_second_after_warmup"] = float(self.audio_after) / self.sample_rate / (
-                self.t1 - self.t_warm)
+            out["audio_seconds_per_second_after_warmup"] = (
+                float(self.audio_after) / self.sample_rate / (self.t1 - self.t_warm)
+            )
         return out
 
 
@@ -90,8 +94,9 @@ def load_model(cfg: DictConfig, tokenizer: CharTokenizer, splits: list[str]) -> 
     if not cfg.get("ckpt_path"):
         return build_model(cfg, tokenizer, optimizer=None, val_splits=[], test_splits=splits)
     runtime = OmegaConf.to_container(cfg.model, resolve=True)
-    return load_recognizer(cfg.ckpt_path, tokenizer, build_decoder(cfg, tokenizer), runtime, val_splits=[],
-                           test_splits=splits)
+    return load_recognizer(
+        cfg.ckpt_path, tokenizer, build_decoder(cfg, tokenizer), runtime, val_splits=[], test_splits=splits
+    )
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -112,8 +117,13 @@ def evaluate(cfg: DictConfig) -> dict:
     meter = EvalMeter(cfg.evaluate.warmup_batches)
     callbacks = [meter, *(build_callbacks(cfg, only=("progress",)) if cfg.evaluate.progress_bar else [])]
     trainer = build_trainer(
-        cfg, callbacks=callbacks, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=len(callbacks) > 1, fast_dev_run=False,
+        cfg,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=len(callbacks) > 1,
+        fast_dev_run=False,
         default_root_dir=str(run_dir),
     )
     trainer.test(model, datamodule=datamodule)
@@ -123,8 +133,11 @@ def evaluate(cfg: DictConfig) -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "precision": str(cfg.trainer.precision),
         "splits": {
-            split: {name: metrics[f"test/{split}/{name}"] for name in ("wer", "cer", "loss")
-                    if f"test/{split}/{name}" in metrics}
+            split: {
+                name: metrics[f"test/{split}/{name}"]
+                for name in ("wer", "cer", "loss")
+                if f"test/{split}/{name}" in metrics
+            }
             for split in splits
         },
         "wer": metrics.get("test/wer"),
@@ -136,8 +149,10 @@ def evaluate(cfg: DictConfig) -> dict:
     for split, values in report["splits"].items():
         wer, cer = values.get("wer", float("nan")), values.get("cer", float("nan"))
         print(f"{split:<16} WER {wer:.4f}  CER {cer:.4f}")
-    print(f"{report['audio_seconds']:.0f} s of audio in {report['seconds']:.1f} s: "
-          f"{report['audio_seconds_per_second']:.0f} audio-seconds per second")
+    print(
+        f"{report['audio_seconds']:.0f} s of audio in {report['seconds']:.1f} s: "
+        f"{report['audio_seconds_per_second']:.0f} audio-seconds per second"
+    )
     print(json.dumps(report, indent=1))
     log.info("Results: %s", path)
     return report

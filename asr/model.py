@@ -166,8 +166,13 @@ class SpeechRecognizer(L.LightningModule):
         log_probs = logits.float().log_softmax(-1).transpose(0, 1)
         targets = batch["labels"].clamp(min=0)
         loss = F.ctc_loss(
-            log_probs, targets, lengths, batch["label_lengths"],
-            blank=self.tokenizer.pad_id, reduction="sum", zero_infinity=True,
+            log_probs,
+            targets,
+            lengths,
+            batch["label_lengths"],
+            blank=self.tokenizer.pad_id,
+            reduction="sum",
+            zero_infinity=True,
         )
         return loss / batch["label_lengths"].sum()
 
@@ -185,8 +190,13 @@ class SpeechRecognizer(L.LightningModule):
         # Utterances with more labels than frames give an infinite CTC loss, zeroed above; count them.
         too_short = (lengths < batch["label_lengths"]).sum().float()
         self.log("train/infeasible_utterances", too_short, on_step=False, on_epoch=True, reduce_fx="sum")
-        self.log("train/audio_seconds", batch["attention_mask"].sum().float() / self.hparams.sample_rate,
-                 on_step=False, on_epoch=True, reduce_fx="sum")
+        self.log(
+            "train/audio_seconds",
+            batch["attention_mask"].sum().float() / self.hparams.sample_rate,
+            on_step=False,
+            on_epoch=True,
+            reduce_fx="sum",
+        )
         return loss
 
     def _log_train_loss_every_n_steps(self, loss: torch.Tensor, batch_size: int) -> None:

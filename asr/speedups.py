@@ -105,7 +105,10 @@ def _device_mask_hidden_states(
     if config.mask_feature_prob > 0 and self.training:
         channels = torch.full((batch,), hidden, device=hidden_states.device)
         features = time_mask(
-            channels, hidden, config.mask_feature_prob, config.mask_feature_length,
+            channels,
+            hidden,
+            config.mask_feature_prob,
+            config.mask_feature_length,
             config.mask_feature_min_masks,
         )
         hidden_states = hidden_states.masked_fill(features[:, None, :], 0.0)
@@ -135,8 +138,7 @@ class Packing:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Packing:
         move = dict(device=device, non_blocking=non_blocking)
-        return Packing(self.index.to(**move), self.cu_seqlens.to(**move), self.lengths, self.max_length,
-                       self.frames)
+        return Packing(self.index.to(**move), self.cu_seqlens.to(**move), self.lengths, self.max_length, self.frames)
 
 
 def packing_of(frame_lengths: torch.Tensor, frames: int, pin: bool = False) -> Packing:
@@ -174,8 +176,9 @@ def packed_attention(
     if cu_seqlens is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     if dropout > 0:
         raise ValueError("model.packed=true needs attention_dropout=0 (varlen attention has no dropout)")
     if lengths is None:  # the encoder saw that the flash kernel applies (CUDA, half precision)
@@ -249,8 +252,7 @@ def install_packed_encoder(backbone: nn.Module) -> nn.Module:
         supported = ", ".join(PACKABLE)
         raise ValueError(f"model.packed=true supports {supported}, not {backbone.config.model_type}")
     if backbone.config.attention_dropout > 0:
-        raise ValueError("model.packed=true needs model.config.attention_dropout=0: varlen attention has no "
-                         "dropout")
+        raise ValueError("model.packed=true needs model.config.attention_dropout=0: varlen attention has no dropout")
     if backbone.config._attn_implementation != PACKED_ATTENTION:
         raise ValueError(f"model.packed=true needs attn_implementation={PACKED_ATTENTION}")
     encoder = backbone.base_model.encoder

@@ -1,6 +1,6 @@
 """The package's shape, for reviews: its internal import graph, and its largest classes and functions.
 
-    python scripts/code_shape.py [--top N]
+python scripts/code_shape.py [--top N]
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ class TrainedIds(L.Callback):
     def __init__(self, folder: str) -> None:
         self.folder = Path(folder)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int
+    ) -> None:
         with open(self.folder / f"rank{trainer.global_rank}.txt", "a") as f:
             f.write(" ".join(batch["ids"]) + "\n")

@@ -189,8 +189,17 @@ class FolderHandler(http.server.SimpleHTTPRequestHandler):
 
 def make_datamodule(root, tokenizer, source=None, **kwargs) -> SpeechDataModule:
     """A DataModule of the folder ``root`` (or of ``source``) without workers; ``kwargs`` override its settings."""
-    defaults = dict(root=str(root), train_splits=["train"], val_splits=["dev"], test_splits=["test-seen"],
-                    tokenizer=tokenizer, max_batch_seconds=10, eval_batch_size=4, num_workers=0, **HUBERT_FACTS)
+    defaults = dict(
+        root=str(root),
+        train_splits=["train"],
+        val_splits=["dev"],
+        test_splits=["test-seen"],
+        tokenizer=tokenizer,
+        max_batch_seconds=10,
+        eval_batch_size=4,
+        num_workers=0,
+        **HUBERT_FACTS,
+    )
     return SpeechDataModule(source=source or FolderSource(str(root)), **{**defaults, **kwargs})
 
 
@@ -228,7 +237,9 @@ class Recorder(L.LightningModule):
 
 # Overrides that shrink the demo model for short runs of ``python -m asr.train``.
 TINY_MODEL = [
-    "model.config.hidden_size=64", "model.config.num_hidden_layers=2", "model.config.intermediate_size=128",
+    "model.config.hidden_size=64",
+    "model.config.num_hidden_layers=2",
+    "model.config.intermediate_size=128",
     "model.config.num_attention_heads=2",
 ]
 

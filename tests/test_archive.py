@@ -41,6 +41,7 @@ def test_archive_file_gives_what_the_folder_gives(tmp_path, transcripts_first):
     archive = make_archive(tmp_path, "dev-clean", tmp_path / "dev-clean.tar.gz", transcripts_first)
     utterances, problems = read_all(str(archive))
     expected, expected_problems = scan_directory(folder)
+
     def facts(found):
         return sorted((u.id, u.transcript, u.num_samples, u.sample_rate, u.speaker) for u in found)
 
@@ -122,7 +123,7 @@ def test_a_region_is_read_without_inflating_the_archive_before_it(tmp_path, monk
     start = max(compressed for uncompressed, compressed in points if uncompressed <= region[0].offset)
     assert start > 100_000
     data = bytearray(Path(archive).read_bytes())
-    data[20_000:start - 20_000] = bytes(start - 40_000)
+    data[20_000 : start - 20_000] = bytes(start - 40_000)
     Path(archive).write_bytes(data)
     assert {utt.id: data for utt, data in read_members(archive, manifest.index_file, region)} == expected
     with pytest.raises(DataError, match=r"train-clean-100\.tar\.gz: damaged"):
@@ -138,8 +139,9 @@ def test_an_archive_over_http_is_read_in_parts_by_byte_ranges(tmp_path, serve):
     location = f"{url}/train-clean-100.tar.gz"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(archive_module, "INDEX_SPACING", 64 << 10)
-        manifest = load_manifest(ArchiveSource(str(tmp_path), url), location,
-                                 tmp_path / "manifests" / "train-clean-100.json")
+        manifest = load_manifest(
+            ArchiveSource(str(tmp_path), url), location, tmp_path / "manifests" / "train-clean-100.json"
+        )
     assert manifest.index_file is not None
     streamed = {utt.id: data for utt, data in (r for r in read_archive(archive) if not isinstance(r, Problem))}
     region = cut_regions(manifest.utterances, 3)[2]
@@ -148,7 +150,8 @@ def test_an_archive_over_http_is_read_in_parts_by_byte_ranges(tmp_path, serve):
     assert start > 100_000
     FolderHandler.starts.clear()
     assert {utt.id: data for utt, data in read_members(location, manifest.index_file, region)} == {
-        utt.id: streamed[utt.id] for utt in region}
+        utt.id: streamed[utt.id] for utt in region
+    }
     assert FolderHandler.starts == [0, start]  # the size, then the region from its seek point on
 
     wrapped = read_members(location, manifest.index_file, region[5:] + region[:5])  # as a region read from a start
@@ -156,8 +159,11 @@ def test_an_archive_over_http_is_read_in_parts_by_byte_ranges(tmp_path, serve):
     served = bytearray(Path(archive).read_bytes())  # replaced by a file of the same size: its ETag changes
     served[1000:2000] = bytes(1000)
     (www / "train-clean-100.tar.gz").write_bytes(served)
-    with pytest.raises(DataError, match=r"train-clean-100\.tar\.gz: reading failed \(.*the server sent the whole "
-                                        r"file for a range: it changed since it was opened"):
+    with pytest.raises(
+        DataError,
+        match=r"train-clean-100\.tar\.gz: reading failed \(.*the server sent the whole "
+        r"file for a range: it changed since it was opened",
+    ):
         list(wrapped)
 
 
@@ -194,7 +200,7 @@ def test_a_damaged_archive_is_an_error_that_names_it(tmp_path, damage, with_inde
             offset = members.getmembers()[len(members.getmembers()) // 2].offset
         data = gzip.compress(tar[:offset] + bytes(tarfile.BLOCKSIZE) + tar[offset + tarfile.BLOCKSIZE :])
     else:
-        data = data[:middle] if damage == "truncated" else data[:middle] + bytes(50_000) + data[middle + 50_000:]
+        data = data[:middle] if damage == "truncated" else data[:middle] + bytes(50_000) + data[middle + 50_000 :]
     Path(archive).write_bytes(data)
     expected = "damaged archive: an invalid tar header" if damage == "header" else "(damaged|truncated)"
     with pytest.raises(DataError, match=rf"train-clean-100\.tar\.gz: {expected}"):

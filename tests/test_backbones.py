@@ -12,14 +12,22 @@ from tests.helpers import TINY_HUBERT
 
 def conv_only(architecture: dict) -> dict:
     keep = ("model_type", "conv_dim", "conv_kernel", "conv_stride")
-    return {k: architecture[k] for k in keep} | {"hidden_size": 32, "num_hidden_layers": 1,
-                                                 "num_attention_heads": 2, "intermediate_size": 32,
-                                                 "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 4,
-                                                 "conv_dim": [8] * len(architecture["conv_kernel"])}
+    return {k: architecture[k] for k in keep} | {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "num_conv_pos_embeddings": 16,
+        "num_conv_pos_embedding_groups": 4,
+        "conv_dim": [8] * len(architecture["conv_kernel"]),
+    }
 
 
-@pytest.mark.parametrize("architecture", [TINY_HUBERT, compose("train", ["experiment=demo"]).model.config,
-                                          ARCHITECTURES["facebook/hubert-large-ll60k"]], ids=["tiny", "demo", "large"])
+@pytest.mark.parametrize(
+    "architecture",
+    [TINY_HUBERT, compose("train", ["experiment=demo"]).model.config, ARCHITECTURES["facebook/hubert-large-ll60k"]],
+    ids=["tiny", "demo", "large"],
+)
 def test_receptive_field_and_frame_rate_match_the_encoder(architecture):
     architecture = OmegaConf.to_container(architecture) if not isinstance(architecture, dict) else architecture
     config = dict(conv_only(architecture))
@@ -37,8 +45,11 @@ def test_receptive_field_and_frame_rate_match_the_encoder(architecture):
 
 
 def test_facts_of_the_configs_without_the_hub():
-    assert encoder_facts(compose("train").model) == {"sample_rate": 16_000, "min_samples": 400,
-                                                     "frames_per_second": 50.0}
+    assert encoder_facts(compose("train").model) == {
+        "sample_rate": 16_000,
+        "min_samples": 400,
+        "frames_per_second": 50.0,
+    }
     demo = encoder_facts(compose("train", ["experiment=demo"]).model)
     assert demo == {"sample_rate": 16_000, "min_samples": 485, "frames_per_second": pytest.approx(16_000 / 480)}
 

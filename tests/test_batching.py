@@ -36,7 +36,7 @@ def test_ranks_get_disjoint_shards_with_equal_batch_counts():
     assert len(seen) == len(set(seen))
     everything = list(DurationBatchSampler(DURATIONS, max_batch_seconds=45, seed=5))
     dropped = len(everything) % 3  # batches left out this epoch so that ranks stay equal
-    assert len(DURATIONS) - len(seen) == sum(len(b) for b in everything[len(everything) - dropped:])
+    assert len(DURATIONS) - len(seen) == sum(len(b) for b in everything[len(everything) - dropped :])
 
 
 def test_evaluation_shards_cover_everything_once():

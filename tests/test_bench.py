@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_corpus_is_librispeech_layout_flac_and_reused(tmp_path):
     from omegaconf import OmegaConf
 
-    spec = OmegaConf.create({"root": str(tmp_path), "hours": 0.01, "test_hours": 0.0, "seed": 3,
-                             "duration_scale": 0.1, "workers": 1})
+    spec = OmegaConf.create(
+        {"root": str(tmp_path), "hours": 0.01, "test_hours": 0.0, "seed": 3, "duration_scale": 0.1, "workers": 1}
+    )
     root = write_corpus(spec)
     index = json.loads((root / "index-train-clean-100.json").read_text())
     assert len(index) == round(0.01 * 3600 / 1.27)
@@ -49,21 +50,40 @@ def test_meter_counts_only_the_measured_steps():
 
 def test_bench_runs_both_arms_and_reports_the_ratio(tmp_path):
     overrides = [
-        "model=hubert_tiny", "model.config.hidden_size=32", "model.config.num_hidden_layers=1",
-        "model.config.intermediate_size=64", "model.config.num_attention_heads=2",
-        "model.config.mask_time_prob=0.05", "trainer.accelerator=cpu", "trainer.precision=32-true",
-        "data.num_workers=0", "data.batch_size=null", "data.max_batch_seconds=5",
-        f"bench.corpus.root={tmp_path / 'corpus'}", "bench.corpus.hours=0.01",
-        "bench.corpus.duration_scale=0.1", "bench.corpus.workers=1", "bench.warmup_steps=1", "bench.steps=2",
+        "model=hubert_tiny",
+        "model.config.hidden_size=32",
+        "model.config.num_hidden_layers=1",
+        "model.config.intermediate_size=64",
+        "model.config.num_attention_heads=2",
+        "model.config.mask_time_prob=0.05",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "data.num_workers=0",
+        "data.batch_size=null",
+        "data.max_batch_seconds=5",
+        f"bench.corpus.root={tmp_path / 'corpus'}",
+        "bench.corpus.hours=0.01",
+        "bench.corpus.duration_scale=0.1",
+        "bench.corpus.workers=1",
+        "bench.warmup_steps=1",
+        "bench.steps=2",
         "bench.baseline=hf_trainer",
-        "bench.hf.num_workers=0", "bench.progress_bar=false", "bench.flops_seconds=1",
+        "bench.hf.num_workers=0",
+        "bench.progress_bar=false",
+        "bench.flops_seconds=1",
         '+bench.variants.packed="+model.packed=true model.config.attention_dropout=0.0 optimizer.fused=true"',
     ]
     result = subprocess.run(
-        [sys.executable, "-m", "asr.bench", *overrides], cwd=tmp_path, capture_output=True, text=True,
+        [sys.executable, "-m", "asr.bench", *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
         timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1",
-             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+        env={
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        },
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = tmp_path.glob("outputs/bench/*/*/bench.json")
@@ -78,6 +98,7 @@ def test_bench_runs_both_arms_and_reports_the_ratio(tmp_path):
     assert arms["packed"]["settings"]["packed"] is True and arms["packed"]["settings"]["fused"] is True
     for name in ("ours", "packed"):
         assert arms[name]["ratio_to_hf_trainer"] == pytest.approx(
-            arms[name]["audio_seconds_per_second"] / arms["hf_trainer"]["audio_seconds_per_second"])
+            arms[name]["audio_seconds_per_second"] / arms["hf_trainer"]["audio_seconds_per_second"]
+        )
     assert report["corpus"]["train-clean-100"]["utterances"] == 28
     assert "x HF" in result.stdout and "packed" in result.stdout

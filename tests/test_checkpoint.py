@@ -13,8 +13,13 @@ from tests.helpers import TINY_HUBERT
 def test_a_checkpoint_rebuilds_its_model_without_the_hub(tmp_path, tokenizer):
     import lightning as L
 
-    model = SpeechRecognizer(tokenizer, functools.partial(torch.optim.AdamW, lr=1e-3), config=TINY_HUBERT,
-                             freeze_feature_encoder=False, test_splits=["a"])
+    model = SpeechRecognizer(
+        tokenizer,
+        functools.partial(torch.optim.AdamW, lr=1e-3),
+        config=TINY_HUBERT,
+        freeze_feature_encoder=False,
+        test_splits=["a"],
+    )
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, max_steps=0)
     trainer.strategy.connect(model)
     path = tmp_path / "model.ckpt"

@@ -15,7 +15,9 @@ def test_checks_name_the_reason(tmp_path, tokenizer):
     checks = Checks(tokenizer)
     found = {u.id: checks.problem(u, for_training=True) for u in utterances}
     assert {i: p.reason for i, p in found.items() if p} == {
-        **CHECK_PROBLEMS, "174-50561-0006": "label longer than the output frames"}
+        **CHECK_PROBLEMS,
+        "174-50561-0006": "label longer than the output frames",
+    }
     assert checks.problem(next(u for u in utterances if u.id == "174-50561-0006"), for_training=False) is None
     resampling = Checks(tokenizer, resample=True)
     eight_khz = next(u for u in utterances if u.id == "174-50561-0003")
@@ -59,5 +61,3 @@ def test_a_batch_is_decoded_padded_and_leaves_out_what_fails(tmp_path, tokenizer
         assert tokenizer.decode(batch["labels"][k]) == batch["texts"][k]
     with pytest.raises(DataError, match="174-50561-0002"):
         checks.batch([(u, u.path) for u in chosen], on_error="raise")
-
-

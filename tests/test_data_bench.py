@@ -8,11 +8,34 @@ import sys
 def test_bench_command_reports_throughput_and_padding(demo_root, tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "asr.data.bench", "--workers", "0,1,2", "--seconds", "1", "--rounds", "1",
-         "--synthetic-hours", "5", "--long-files", "6", "--synthetic-batch-seconds", "30", "--archive-shards", "2",
-         "--archive-http", "--json", str(out),
-         "experiment=demo", f"data.root={demo_root}", "data/source=folder"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "asr.data.bench",
+            "--workers",
+            "0,1,2",
+            "--seconds",
+            "1",
+            "--rounds",
+            "1",
+            "--synthetic-hours",
+            "5",
+            "--long-files",
+            "6",
+            "--synthetic-batch-seconds",
+            "30",
+            "--archive-shards",
+            "2",
+            "--archive-http",
+            "--json",
+            str(out),
+            "experiment=demo",
+            f"data.root={demo_root}",
+            "data/source=folder",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -53,7 +76,8 @@ def test_an_empty_train_loader_is_an_error_not_an_endless_wait():
 
     from asr.data.bench import loader_rate
 
-    datamodule = types.SimpleNamespace(train_splits=["train"], train_dataloader=lambda: [],
-                                       transport=types.SimpleNamespace(num_workers=0))
+    datamodule = types.SimpleNamespace(
+        train_splits=["train"], train_dataloader=lambda: [], transport=types.SimpleNamespace(num_workers=0)
+    )
     with pytest.raises(ValueError, match=r"\['train'\].*yields no batches"):
         loader_rate(datamodule, 0, 1.0)

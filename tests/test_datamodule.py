@@ -40,21 +40,27 @@ def test_batches_from_the_demo_corpus(demo_root, tokenizer, tmp_path):
     assert batch["attention_mask"].sum() / 16000 <= 10
     lengths = batch["attention_mask"].sum(1)
     k = int(lengths.argmin())
-    assert batch["input_values"][k, lengths[k]:].abs().sum() == 0
+    assert batch["input_values"][k, lengths[k] :].abs().sum() == 0
     assert tokenizer.decode(batch["labels"][0][: batch["label_lengths"][0]].tolist()) == batch["texts"][0]
     assert batch["skipped"] == []
     assert sum(len(b["ids"]) for b in dm.val_dataloader()[0]) == len(dm.catalog.load("dev", False))
 
 
 def test_loader_options_reach_every_dataloader(demo_root, tokenizer, tmp_path):
-    dm = ready(make_datamodule(demo_root, tokenizer, manifest_dir=str(tmp_path), num_workers=1, prefetch_factor=5,
-                               pin_memory=False), stage=None)
+    dm = ready(
+        make_datamodule(
+            demo_root, tokenizer, manifest_dir=str(tmp_path), num_workers=1, prefetch_factor=5, pin_memory=False
+        ),
+        stage=None,
+    )
     loaders = [dm.train_dataloader(), *dm.val_dataloader(), *dm.test_dataloader()]
     assert [(d.num_workers, d.prefetch_factor, d.pin_memory) for d in loaders] == [(1, 5, False)] * 3
     alone = ready(make_datamodule(demo_root, tokenizer, manifest_dir=str(tmp_path), num_workers=0, prefetch_factor=5))
     assert alone.train_dataloader().prefetch_factor is None  # nothing to prefetch without workers
-    assert ready(make_datamodule(demo_root, tokenizer, manifest_dir=str(tmp_path))).train_dataloader().pin_memory \
+    assert (
+        ready(make_datamodule(demo_root, tokenizer, manifest_dir=str(tmp_path))).train_dataloader().pin_memory
         == torch.cuda.is_available()
+    )
 
 
 def test_out_of_vocabulary_and_duration_filters_are_counted(tmp_path, tokenizer):
@@ -65,8 +71,10 @@ def test_out_of_vocabulary_and_duration_filters_are_counted(tmp_path, tokenizer)
     dm = make_datamodule(tmp_path, tokenizer, min_duration=0.5)
     utterances, problems = dm.catalog.read("train", for_training=True)
     assert [u.id for u in utterances] == ["1-2-0", "1-2-3"]
-    assert Counter(p.reason for p in problems) == {"characters outside the vocabulary": 1,
-                                                   "shorter than data.min_duration": 1}
+    assert Counter(p.reason for p in problems) == {
+        "characters outside the vocabulary": 1,
+        "shorter than data.min_duration": 1,
+    }
     strict = make_datamodule(tmp_path, tokenizer, on_error="raise")
     with pytest.raises(DataError, match=r"1-2-1\.flac: characters outside the vocabulary \(É\)"):
         strict.catalog.read("train", for_training=True)
@@ -74,8 +82,7 @@ def test_out_of_vocabulary_and_duration_filters_are_counted(tmp_path, tokenizer)
 
 def corpus_datamodule(source, tokenizer, **kwargs):
     splits = dict(train_splits=["dev-clean"], val_splits=["dev-clean"], test_splits=["dev-clean"])
-    return make_datamodule(source.root, tokenizer, source, batch_size=2, max_batch_seconds=None,
-                           **{**splits, **kwargs})
+    return make_datamodule(source.root, tokenizer, source, batch_size=2, max_batch_seconds=None, **{**splits, **kwargs})
 
 
 def corpus_source(tmp_path, kind):
@@ -107,9 +114,16 @@ def test_every_bad_input_is_counted_by_reason(tmp_path, tokenizer, source, serve
     dm.teardown("fit")
     # The problems in the manifest (of a folder, or of an archive read by region or streamed whole) are counted at
     # setup, and the truncated file when decoded.
-    once = ("empty transcript", "transcript without audio", "unreadable audio", "wrong sample rate",
-            "shorter than the receptive field", "characters outside the vocabulary",
-            "label longer than the output frames", "undecodable audio")
+    once = (
+        "empty transcript",
+        "transcript without audio",
+        "unreadable audio",
+        "wrong sample rate",
+        "shorter than the receptive field",
+        "characters outside the vocabulary",
+        "label longer than the output frames",
+        "undecodable audio",
+    )
     expected = {f"dev-clean/{reason}": 1 for reason in once} | {"dev-clean/audio without transcript": 2}
     assert dm.skipped == expected
 
@@ -132,9 +146,19 @@ def test_a_scanned_archive_is_evaluated_by_region_once_across_ranks_and_workers(
     root = tmp_path / "archives"  # without the folder the archive was made from
     root.mkdir()
     archive = str(Path(built).rename(root / "train-clean-100.tar.gz"))
-    dm = ready(make_datamodule(root, tokenizer, ArchiveSource(str(root)), train_splits=[],
-                               val_splits=["train-clean-100"], test_splits=[], num_workers=2, eval_batch_size=3),
-               "validate")
+    dm = ready(
+        make_datamodule(
+            root,
+            tokenizer,
+            ArchiveSource(str(root)),
+            train_splits=[],
+            val_splits=["train-clean-100"],
+            test_splits=[],
+            num_workers=2,
+            eval_batch_size=3,
+        ),
+        "validate",
+    )
     assert set(dm.catalog.index_files) == {archive}
     monkeypatch.setattr(stream_module, "read_archive", lambda *args: pytest.fail("streamed whole"))
     ranks = []
@@ -166,8 +190,14 @@ def test_each_unusable_utterance_is_counted_once_however_often_it_is_read(tmp_pa
         drain(dm, dm.train_dataloader())
         drain(dm, dm.val_dataloader()[0])
     dm.teardown("fit")
-    reasons = Counter([*SOURCE_PROBLEMS.values(), *CHECK_PROBLEMS.values(), "label longer than the output frames",
-                       "undecodable audio"])
+    reasons = Counter(
+        [
+            *SOURCE_PROBLEMS.values(),
+            *CHECK_PROBLEMS.values(),
+            "label longer than the output frames",
+            "undecodable audio",
+        ]
+    )
     assert dm.skipped == {f"dev-clean/{reason}": n for reason, n in reasons.items()}
 
 
@@ -176,8 +206,15 @@ def test_a_skip_in_training_and_evaluation_counts_once_under_its_own_split(tmp_p
     other = tmp_path / "LibriSpeech" / "dev-other" / "7" / "8"
     write_flac(other / "7-8-0.flac", 1.0)
     (other / "7-8.trans.txt").write_text("7-8-0 HELLO\n")
-    dm = ready(corpus_datamodule(FolderSource(str(tmp_path)), tokenizer, train_splits=["dev-clean", "dev-other"],
-                                 val_splits=["dev-clean"], test_splits=[]))
+    dm = ready(
+        corpus_datamodule(
+            FolderSource(str(tmp_path)),
+            tokenizer,
+            train_splits=["dev-clean", "dev-other"],
+            val_splits=["dev-clean"],
+            test_splits=[],
+        )
+    )
     drain(dm, dm.train_dataloader())
     drain(dm, dm.val_dataloader()[0])
     assert dm.skipped == {"dev-clean/undecodable audio": 1}
@@ -213,8 +250,16 @@ def test_resume_through_the_datamodule_state_gives_the_remaining_batches(tmp_pat
         root.mkdir()
         (tmp_path / "train-clean-100.tar.gz").rename(root / "train-clean-100.tar.gz")
     sources = {"folder": FolderSource, "archive": ArchiveSource}
-    options = dict(train_splits=["train-clean-100"], val_splits=[], test_splits=[], max_batch_seconds=1.5,
-                   min_samples=100, shuffle_buffer=12, seed=5, num_workers=2)
+    options = dict(
+        train_splits=["train-clean-100"],
+        val_splits=[],
+        test_splits=[],
+        max_batch_seconds=1.5,
+        min_samples=100,
+        shuffle_buffer=12,
+        seed=5,
+        num_workers=2,
+    )
     first = ready(make_datamodule(root, tokenizer, sources[source](str(root)), **options))
     first.load_state_dict({"epoch": 1, "batches": 0})
     loader = first.train_dataloader()
@@ -238,12 +283,28 @@ def test_resume_through_the_datamodule_state_gives_the_remaining_batches(tmp_pat
 
 
 def fit(root, tokenizer, tmp_path, ckpt_path=None, **trainer_options):
-    dm = make_datamodule(root, tokenizer, train_splits=["train-clean-100"], val_splits=[], test_splits=[],
-                         max_batch_seconds=1.5, min_samples=100, seed=5)
+    dm = make_datamodule(
+        root,
+        tokenizer,
+        train_splits=["train-clean-100"],
+        val_splits=[],
+        test_splits=[],
+        max_batch_seconds=1.5,
+        min_samples=100,
+        seed=5,
+    )
     model = Recorder()
-    options = dict(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                   use_distributed_sampler=False, default_root_dir=tmp_path)
+    options = dict(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        default_root_dir=tmp_path,
+    )
     L.Trainer(**{**options, **trainer_options}).fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return model.seen
 
@@ -256,8 +317,7 @@ def test_lightning_reshuffles_each_epoch_and_resumes(tmp_path, tokenizer, into_s
     assert len(epochs[0]) == len(epochs[1]) > 6 and epochs[0] != epochs[1]
     steps = len(epochs[0]) + into_second_epoch  # stop there, with a checkpoint (0: at the end of epoch 0)
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=steps)
-    stopped = fit(tmp_path, tokenizer, tmp_path, max_steps=steps, enable_checkpointing=True,
-                  callbacks=[checkpoint])
+    stopped = fit(tmp_path, tokenizer, tmp_path, max_steps=steps, enable_checkpointing=True, callbacks=[checkpoint])
     assert stopped == whole[:steps]
     (path,) = (tmp_path / "ckpt").glob(f"*step={steps}.ckpt")
     resumed = fit(tmp_path, tokenizer, tmp_path, ckpt_path=path)
@@ -266,9 +326,18 @@ def test_lightning_reshuffles_each_epoch_and_resumes(tmp_path, tokenizer, into_s
 
 def test_inspect_command(demo_root):
     result = subprocess.run(
-        [sys.executable, "-m", "asr.data", "inspect", "experiment=demo", f"data.root={demo_root}",
-         "data/source=folder"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "asr.data",
+            "inspect",
+            "experiment=demo",
+            f"data.root={demo_root}",
+            "data/source=folder",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "train: " in result.stdout and "8 speakers" in result.stdout
@@ -280,9 +349,20 @@ def test_inspect_an_archive_lists_its_skips(tmp_path):
     write_corpus(tmp_path / "src")
     make_archive(tmp_path / "src", "dev-clean", tmp_path / "dev-clean.tar.gz")
     result = subprocess.run(
-        [sys.executable, "-m", "asr.data", "inspect", f"data.root={tmp_path}", "data/source=archive",
-         "data.train_splits=[dev-clean]", "data.val_splits=[]", "data.test_splits=[]"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "asr.data",
+            "inspect",
+            f"data.root={tmp_path}",
+            "data/source=archive",
+            "data.train_splits=[dev-clean]",
+            "data.val_splits=[]",
+            "data.test_splits=[]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert f"dev-clean: {len(USABLE) - 1} utterances" in result.stdout
@@ -292,8 +372,17 @@ def test_inspect_an_archive_lists_its_skips(tmp_path):
 
 
 def test_an_evaluation_utterance_longer_than_the_budget_is_batched_alone(tmp_path, tokenizer, caplog):
-    dm = ready(corpus_datamodule(corpus_source(tmp_path, "folder"), tokenizer, train_splits=[], test_splits=[],
-                                 eval_batch_size=None, eval_max_batch_seconds=2.0), "validate")
+    dm = ready(
+        corpus_datamodule(
+            corpus_source(tmp_path, "folder"),
+            tokenizer,
+            train_splits=[],
+            test_splits=[],
+            eval_batch_size=None,
+            eval_max_batch_seconds=2.0,
+        ),
+        "validate",
+    )
     assert "1 utterances longer than data.eval_max_batch_seconds=2.0 are batched alone" in caplog.text
     batches = [b["ids"] for b in dm.val_dataloader()[0]]
     assert ["84-121123-0001"] in batches  # 2.5 s

@@ -33,15 +33,32 @@ def test_two_ranks_get_equal_disjoint_regions_of_the_archive(demo_root, tmp_path
     archives.mkdir()
     for split in ("train", "dev", "test-seen"):
         make_archive(demo_root, split, archives / f"{split}.tar.gz")
-    make_archive(one_utterance(demo_root, "test-unseen", tmp_path / "one"), "test-unseen",
-                 archives / "test-unseen.tar.gz")
+    make_archive(
+        one_utterance(demo_root, "test-unseen", tmp_path / "one"), "test-unseen", archives / "test-unseen.tar.gz"
+    )
     ids = tmp_path / "ids"
     ids.mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "asr.train", "experiment=demo", f"data.root={archives}", "data/source=archive",
-         "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_epochs=1", "trainer.max_time=null", "~logger",
-         "+callbacks.ids._target_=tests.ddp_helpers.TrainedIds", f"+callbacks.ids.folder={ids}", *TINY_MODEL],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "asr.train",
+            "experiment=demo",
+            f"data.root={archives}",
+            "data/source=archive",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            "trainer.max_epochs=1",
+            "trainer.max_time=null",
+            "~logger",
+            "+callbacks.ids._target_=tests.ddp_helpers.TrainedIds",
+            f"+callbacks.ids.folder={ids}",
+            *TINY_MODEL,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -50,8 +67,12 @@ def test_two_ranks_get_equal_disjoint_regions_of_the_archive(demo_root, tmp_path
     assert len(ranks[0]) == len(ranks[1]) > 0  # equal batch counts: neither rank waits for the other
     trained = [{i for batch in rank for i in batch} for rank in ranks]
     assert not trained[0] & trained[1]
-    manifest = load_manifest(ArchiveSource(str(archives)), str(archives / "train.tar.gz"),
-                             archives / "manifests" / "train.json", verify=False)
+    manifest = load_manifest(
+        ArchiveSource(str(archives)),
+        str(archives / "train.tar.gz"),
+        archives / "manifests" / "train.json",
+        verify=False,
+    )
     assert manifest.index_file is not None
     order = {u.id: u.index for u in manifest.utterances}
     assert len(trained[0] | trained[1]) > 0.8 * len(order)

@@ -11,9 +11,14 @@ import pytest
 
 
 def run(*overrides, cwd, timeout, env=None):
-    return subprocess.run([sys.executable, "-m", "asr.train", "experiment=demo", *overrides], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "asr.train", "experiment=demo", *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
 
 
 def logged(cwd, key):
@@ -24,10 +29,20 @@ def logged(cwd, key):
 
 def test_short_demo_run_learns(demo_root, tmp_path):
     """A few minutes of audio, a few hundred steps: the model must get past the all-blank plateau."""
-    result = run(f"data.root={demo_root}", "data/source=folder", "trainer.max_steps=550",
-                 "trainer.log_every_n_steps=10", "trainer.check_val_every_n_epoch=1000",
-                 "model.freeze_feature_encoder_after=null", "scheduler.warmup_steps=30", "scheduler.hold_fraction=0.9",
-                 "data.max_batch_seconds=6", "~callbacks.checkpoint", cwd=tmp_path, timeout=600)
+    result = run(
+        f"data.root={demo_root}",
+        "data/source=folder",
+        "trainer.max_steps=550",
+        "trainer.log_every_n_steps=10",
+        "trainer.check_val_every_n_epoch=1000",
+        "model.freeze_feature_encoder_after=null",
+        "scheduler.warmup_steps=30",
+        "scheduler.hold_fraction=0.9",
+        "data.max_batch_seconds=6",
+        "~callbacks.checkpoint",
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     losses = logged(tmp_path, "train/loss")
     # Random init starts above 3; a model that only predicts blanks plateaus near 3.
@@ -55,6 +70,7 @@ def test_an_interrupted_corpus_build_leaves_no_tree_and_is_redone(tmp_path, monk
     from asr.data import demo
 
     cfg = demo.DemoCorpusConfig(train_hours=0.003, dev_utterances=2, test_utterances=2)
+
     def interrupted(*args, **kwargs):  # after the audio, at the first transcript
         raise KeyboardInterrupt
 

@@ -84,7 +84,9 @@ def test_download_resumes_checks_md5_and_extracts(server, tmp_path):
     assert (root / "dev-clean.tar.gz").read_bytes() == body
     utterances, problems = scan_directory(split_dir(root, "dev-clean"))
     assert [(u.id, u.transcript) for u in utterances] == [
-        ("1272-128104-0000", "MISTER QUILTER"), ("1272-128104-0001", "NOR IS IT")]
+        ("1272-128104-0000", "MISTER QUILTER"),
+        ("1272-128104-0001", "NOR IS IT"),
+    ]
     assert not problems
 
 

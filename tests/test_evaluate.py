@@ -39,11 +39,25 @@ def tree(tmp_path_factory):
 
 def run_evaluate(*overrides, cwd):
     result = subprocess.run(
-        [sys.executable, "-m", "asr.evaluate", *overrides, "trainer.accelerator=cpu",
-         "trainer.precision=32-true", "data.num_workers=0", "evaluate.progress_bar=false"],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1",
-             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+        [
+            sys.executable,
+            "-m",
+            "asr.evaluate",
+            *overrides,
+            "trainer.accelerator=cpu",
+            "trainer.precision=32-true",
+            "data.num_workers=0",
+            "evaluate.progress_bar=false",
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        },
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = cwd.glob("outputs/evaluate/*/*/evaluate.json")
@@ -62,8 +76,13 @@ def check_report(report):
 
 
 def test_evaluates_a_saved_pretrained_folder(tree, tiny_pretrained, tmp_path):
-    report = run_evaluate(f"model.pretrained={tiny_pretrained}", f"data.root={tree}",
-                          f"data.test_splits=[{','.join(SPLITS)}]", "data.eval_batch_size=2", cwd=tmp_path)
+    report = run_evaluate(
+        f"model.pretrained={tiny_pretrained}",
+        f"data.root={tree}",
+        f"data.test_splits=[{','.join(SPLITS)}]",
+        "data.eval_batch_size=2",
+        cwd=tmp_path,
+    )
     check_report(report)
     assert report["model"] == str(tiny_pretrained)
 
@@ -72,17 +91,33 @@ def test_evaluates_a_lightning_checkpoint_with_its_own_architecture(tree, tokeni
     """The checkpoint alone rebuilds the model (no hub); decoding gives the WER the saved module gives."""
     torch.manual_seed(0)
     config = {**TINY_HUBERT, "feat_extract_norm": "layer", "do_stable_layer_norm": True}
-    module = SpeechRecognizer(tokenizer=tokenizer, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-                              config=config, freeze_feature_encoder=False, test_splits=list(SPLITS))
-    trainer = L.Trainer(accelerator="cpu", max_steps=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    module = SpeechRecognizer(
+        tokenizer=tokenizer,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        config=config,
+        freeze_feature_encoder=False,
+        test_splits=list(SPLITS),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.strategy.connect(module)
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     checkpoint = torch.load(tmp_path / "model.ckpt", weights_only=False)
     assert checkpoint["backbone_config"]["hidden_size"] == TINY_HUBERT["hidden_size"]
 
-    report = run_evaluate(f"ckpt_path={tmp_path / 'model.ckpt'}", f"data.root={tree}",
-                          f"data.test_splits=[{','.join(SPLITS)}]", "data.eval_batch_size=1", cwd=tmp_path)
+    report = run_evaluate(
+        f"ckpt_path={tmp_path / 'model.ckpt'}",
+        f"data.root={tree}",
+        f"data.test_splits=[{','.join(SPLITS)}]",
+        "data.eval_batch_size=1",
+        cwd=tmp_path,
+    )
     check_report(report)
 
     # The same weights decoded here, one utterance at a time, give the same error rates.

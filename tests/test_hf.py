@@ -38,12 +38,16 @@ def flac(samples: np.ndarray) -> bytes:
 
 def write_split(folder, split, rows):
     # Audio as its storage struct, then cast: encoding audio values would need torchcodec.
-    features = datasets.Features({
-        "file": datasets.Value("string"),
-        "audio": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
-        "text": datasets.Value("string"), "speaker_id": datasets.Value("int64"),
-        "chapter_id": datasets.Value("int64"), "id": datasets.Value("string"),
-    })
+    features = datasets.Features(
+        {
+            "file": datasets.Value("string"),
+            "audio": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+            "text": datasets.Value("string"),
+            "speaker_id": datasets.Value("int64"),
+            "chapter_id": datasets.Value("int64"),
+            "id": datasets.Value("string"),
+        }
+    )
     columns = {key: [row[key] for row in rows] for key in features}
     table = datasets.Dataset.from_dict(columns, features=features).cast_column("audio", datasets.Audio(16_000))
     (folder / "all").mkdir(parents=True, exist_ok=True)
@@ -52,8 +56,14 @@ def write_split(folder, split, rows):
 
 def row(utt_id, text, audio_bytes):
     speaker, chapter, _ = utt_id.split("-")
-    return {"file": f"{utt_id}.flac", "audio": {"bytes": audio_bytes, "path": f"{utt_id}.flac"}, "text": text,
-            "speaker_id": int(speaker), "chapter_id": int(chapter), "id": utt_id}
+    return {
+        "file": f"{utt_id}.flac",
+        "audio": {"bytes": audio_bytes, "path": f"{utt_id}.flac"},
+        "text": text,
+        "speaker_id": int(speaker),
+        "chapter_id": int(chapter),
+        "id": utt_id,
+    }
 
 
 @pytest.fixture
@@ -65,13 +75,17 @@ def hf_folder(tmp_path, monkeypatch):
     folder = tmp_path / "librispeech_asr"
     folder.mkdir()
     (folder / "README.md").write_text(README)
-    write_split(folder, "validation.clean", [
-        *(row(utt_id, f"WORD {'ABCDE'[k]}", flac(a)) for k, (utt_id, a) in enumerate(audio.items())),
-        row("84-121-0090", "BROKEN", b"not a flac file"),
-        row("84-121-0091", "", flac(audio["84-121-0000"])),
-        row("84-121-0092", None, flac(audio["84-121-0000"])),
-        {**row("84-121-0093", "NO AUDIO", None), "audio": {"bytes": None, "path": None}},
-    ])
+    write_split(
+        folder,
+        "validation.clean",
+        [
+            *(row(utt_id, f"WORD {'ABCDE'[k]}", flac(a)) for k, (utt_id, a) in enumerate(audio.items())),
+            row("84-121-0090", "BROKEN", b"not a flac file"),
+            row("84-121-0091", "", flac(audio["84-121-0000"])),
+            row("84-121-0092", None, flac(audio["84-121-0000"])),
+            {**row("84-121-0093", "NO AUDIO", None), "audio": {"bytes": None, "path": None}},
+        ],
+    )
     write_split(folder, "test.clean", [row("61-70-0000", "HELLO WORLD", flac(audio["84-121-0001"]))])
     yield folder, audio
     hf.open_split.cache_clear()
@@ -99,15 +113,29 @@ def test_only_the_asked_split_is_prepared(hf_folder, tmp_path):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_batches_problems_and_exact_audio_from_a_hugging_face_folder(hf_folder, tokenizer, tmp_path, workers):
     folder, audio = hf_folder
-    dm = ready(make_datamodule(tmp_path / "unused", tokenizer, HfSource(str(folder)), train_splits=["dev-clean"],
-                               val_splits=["dev-clean"], test_splits=["test-clean"], num_workers=workers,
-                               max_batch_seconds=100, manifest_dir=str(tmp_path / "manifests")))
+    dm = ready(
+        make_datamodule(
+            tmp_path / "unused",
+            tokenizer,
+            HfSource(str(folder)),
+            train_splits=["dev-clean"],
+            val_splits=["dev-clean"],
+            test_splits=["test-clean"],
+            num_workers=workers,
+            max_batch_seconds=100,
+            manifest_dir=str(tmp_path / "manifests"),
+        )
+    )
     location = f"hf://{folder}#validation.clean"
     assert dm.source.locations("dev-clean") == [location]
     utterances = dm.catalog.load("dev-clean", False)
     assert {u.id: u.transcript for u in utterances} == {
-        "84-121-0000": "WORD A", "84-121-0001": "WORD B", "84-121-0002": "WORD C", "84-121-0003": "WORD D",
-        "84-121-0004": "WORD E"}
+        "84-121-0000": "WORD A",
+        "84-121-0001": "WORD B",
+        "84-121-0002": "WORD C",
+        "84-121-0003": "WORD D",
+        "84-121-0004": "WORD E",
+    }
     assert {u.id: u.num_samples for u in utterances} == {k: len(a) for k, a in audio.items()}
     assert {u.speaker for u in utterances} == {"84"}
     assert dm.skipped == {"dev-clean/unreadable audio": 2, "dev-clean/empty transcript": 2}
@@ -126,9 +154,16 @@ def test_batches_problems_and_exact_audio_from_a_hugging_face_folder(hf_folder, 
 
 def test_a_bad_row_names_the_split_and_the_utterance_under_raise(hf_folder, tokenizer, tmp_path):
     folder, _ = hf_folder
-    dm = make_datamodule(tmp_path, tokenizer, HfSource(str(folder)), train_splits=["dev-clean"],
-                         val_splits=["dev-clean"], test_splits=["test-clean"], on_error="raise",
-                         manifest_dir=str(tmp_path / "manifests"))
+    dm = make_datamodule(
+        tmp_path,
+        tokenizer,
+        HfSource(str(folder)),
+        train_splits=["dev-clean"],
+        val_splits=["dev-clean"],
+        test_splits=["test-clean"],
+        on_error="raise",
+        manifest_dir=str(tmp_path / "manifests"),
+    )
     dm.prepare_data()
     with pytest.raises(DataError, match=r"validation\.clean:84-121-009[0-3]"):
         dm.setup("fit")
@@ -138,7 +173,8 @@ def test_a_missing_folder_is_named_before_the_run_and_hub_ids_are_left_to_datase
     splits = ["train-clean-100", "dev-clean"]
     assert HfSource(str(tmp_path / "nowhere")).missing(splits) == (
         f"data.source.dataset={tmp_path / 'nowhere'} is not a folder (a local copy of openslr/librispeech_asr, or "
-        "its hub id).")
+        "its hub id)."
+    )
     (tmp_path / "librispeech_asr").mkdir()
     assert HfSource(str(tmp_path / "librispeech_asr")).missing(splits) is None
     assert HfSource("openslr/librispeech_asr").missing(splits) is None
@@ -166,7 +202,8 @@ def test_a_rewritten_split_is_scanned_again(hf_folder, tmp_path):
     write_split(folder, "test.clean", [row("61-70-0000", "GOODBYE WORLD", flac(audio["84-121-0001"]))])
     hf.open_split.cache_clear()  # a new process
     assert [u.transcript for u in load_manifest(source, location, manifest_path, verify=True).utterances] == [
-        "GOODBYE WORLD"]
+        "GOODBYE WORLD"
+    ]
 
 
 def test_a_manifest_row_that_holds_another_utterance_is_an_error(hf_folder, tokenizer):

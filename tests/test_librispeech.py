@@ -23,8 +23,12 @@ def test_scan_finds_every_utterance_and_problem(tmp_path):
 def test_policy_raises_with_the_file_or_counts(tmp_path):
     _, problems = scan_directory(write_corpus(tmp_path))
     assert apply_policy(problems, "skip") == problems
-    assert Counter(p.reason for p in problems) == {"audio without transcript": 2, "empty transcript": 1,
-                                                   "transcript without audio": 1, "unreadable audio": 1}
+    assert Counter(p.reason for p in problems) == {
+        "audio without transcript": 2,
+        "empty transcript": 1,
+        "transcript without audio": 1,
+        "unreadable audio": 1,
+    }
     with pytest.raises(DataError, match=r"2-3-0000\.flac: audio without transcript \(no line for 2-3-0000 "):
         apply_policy(problems, "raise")
 

@@ -16,6 +16,7 @@ def scans(monkeypatch):
     """Counts the scans that load_manifest has the sources run."""
     calls = []
     for source in (FolderSource, ArchiveSource):
+
         def counted(self, location, index_to, scan=source.scan):
             calls.append(location)
             return scan(self, location, index_to)

@@ -55,8 +55,13 @@ def test_random_init_needs_a_model_type(tokenizer):
 
 # ------------------------------------------------------------------------------------------- speed switches
 
-FAST = {**TINY_HUBERT, "feat_extract_norm": "layer", "do_stable_layer_norm": True, "attention_dropout": 0.0,
-        "layerdrop": 0.0}
+FAST = {
+    **TINY_HUBERT,
+    "feat_extract_norm": "layer",
+    "do_stable_layer_norm": True,
+    "attention_dropout": 0.0,
+    "layerdrop": 0.0,
+}
 
 
 def padded(lengths, seed=0):
@@ -92,8 +97,9 @@ def test_time_mask_has_the_span_semantics_of_transformers():
     # The masked fraction per utterance is transformers' own (which it draws with numpy on the host).
     ours = masks.float().sum(-1).mean(0) / lengths
     attention = valid.long().numpy()
-    draw = functools.partial(_compute_mask_indices, (4, frames), prob, span,
-                             attention_mask=torch.from_numpy(attention), min_masks=min_masks)
+    draw = functools.partial(
+        _compute_mask_indices, (4, frames), prob, span, attention_mask=torch.from_numpy(attention), min_masks=min_masks
+    )
     theirs = sum(draw() for _ in range(draws)).sum(-1) / draws / lengths.numpy()
     torch.testing.assert_close(ours[:3], torch.from_numpy(theirs[:3]).float(), atol=0.012, rtol=0)
     assert 0.035 < ours[0] < 0.055  # about mask_time_prob, less the overlaps
@@ -125,8 +131,12 @@ def test_device_specaugment_masks_valid_frames_with_the_learned_embedding(tokeni
 def test_packed_encoder_gives_the_padded_results(tokenizer, model_type, stable):
     """The layers on the valid frames only, packed: the same logits, and the same gradients, as padded."""
     torch.manual_seed(0)
-    config = {**FAST, "model_type": model_type, "do_stable_layer_norm": stable,
-              "feat_extract_norm": "layer" if stable else "group"}
+    config = {
+        **FAST,
+        "model_type": model_type,
+        "do_stable_layer_norm": stable,
+        "feat_extract_norm": "layer" if stable else "group",
+    }
     module = make_module(tokenizer, config=config, packed=True, freeze_feature_encoder=False).eval()
     assert module.backbone.config._attn_implementation == "asr_packed"
     audio, mask = padded([16000, 9000, 4321])
@@ -139,7 +149,8 @@ def test_packed_encoder_gives_the_padded_results(tokenizer, model_type, stable):
     for logits in (packed_logits, padded_logits):
         module.zero_grad()
         sum(logits[k, :n].log_softmax(-1)[:, 5].sum() for k, n in enumerate(lengths.tolist())).backward(
-            retain_graph=True)
+            retain_graph=True
+        )
         grads.append(weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-3)
 
@@ -183,8 +194,9 @@ def test_packed_training_forward_reads_nothing_back_from_the_device(tokenizer):
 def test_regional_compile_keeps_parameter_names_and_results(tokenizer):
     torch.manual_seed(0)
     eager = make_module(tokenizer, config=FAST).eval()
-    compiled = make_module(tokenizer, config=FAST, compile="layers",
-                           compile_options={"backend": "aot_eager", "dynamic": True}).eval()
+    compiled = make_module(
+        tokenizer, config=FAST, compile="layers", compile_options={"backend": "aot_eager", "dynamic": True}
+    ).eval()
     compiled.load_state_dict(eager.state_dict())
     compiled.configure_model()
     assert compiled.compiled == ["layers (2 modules)"]
@@ -206,14 +218,23 @@ def test_sync_free_logging_logs_the_mean_loss_with_a_fused_clipped_optimizer(tok
 
     torch.manual_seed(0)
     module = SpeechRecognizer(
-        tokenizer=tokenizer, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, fused=True), config=FAST,
+        tokenizer=tokenizer,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, fused=True),
+        config=FAST,
     )
     batches = []
     for seed in range(4):
         audio, mask = padded([8000, 6000], seed=seed)
-        batches.append({"input_values": audio, "attention_mask": mask,
-                        "labels": torch.tensor([[5, 6], [7, -100]]), "label_lengths": torch.tensor([2, 1]),
-                        "ids": ["a", "b"], "texts": ["ET", "A"]})
+        batches.append(
+            {
+                "input_values": audio,
+                "attention_mask": mask,
+                "labels": torch.tensor([[5, 6], [7, -100]]),
+                "label_lengths": torch.tensor([2, 1]),
+                "ids": ["a", "b"],
+                "texts": ["ET", "A"],
+            }
+        )
     losses = []
 
     class Record(L.Callback):
@@ -221,9 +242,18 @@ def test_sync_free_logging_logs_the_mean_loss_with_a_fused_clipped_optimizer(tok
             losses.append(float(outputs["loss"]))
 
     logger = L.pytorch.loggers.CSVLogger(tmp_path)
-    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", gradient_clip_val=1e-3, max_steps=4,
-                        log_every_n_steps=2, logger=logger, callbacks=[Record()], enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        gradient_clip_val=1e-3,
+        max_steps=4,
+        log_every_n_steps=2,
+        logger=logger,
+        callbacks=[Record()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     before = module.backbone.lm_head.weight.detach().clone()
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     # Clipping to a norm of 1e-3 keeps the first Adam steps (size ~lr each) but they did happen.
@@ -245,8 +275,14 @@ def test_native_cpu_convolutions_give_the_same_results_and_cover_the_backward(to
     native = make_module(tokenizer, config=config, freeze_feature_encoder=False, onednn_conv=False)
     native.load_state_dict(onednn.state_dict())
     audio, mask = padded([16000, 9000])
-    batch = {"input_values": audio, "attention_mask": mask, "labels": torch.tensor([[5, 6], [7, -100]]),
-             "label_lengths": torch.tensor([2, 1]), "ids": ["a", "b"], "texts": ["ET", "A"]}
+    batch = {
+        "input_values": audio,
+        "attention_mask": mask,
+        "labels": torch.tensor([[5, 6], [7, -100]]),
+        "label_lengths": torch.tensor([2, 1]),
+        "ids": ["a", "b"],
+        "texts": ["ET", "A"],
+    }
     grads = []
     for module in (onednn, native):
         logits, lengths = module.eval()(audio, mask)  # eval: no dropout or SpecAugment draws
@@ -259,8 +295,14 @@ def test_native_cpu_convolutions_give_the_same_results_and_cover_the_backward(to
     native.train()
     conv = native.backbone.base_model.feature_extractor.conv_layers[0].conv
     conv.weight.register_hook(lambda grad: flag_in_backward.append(torch.backends.mkldnn.enabled))
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(native, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
     assert flag_in_backward == [False]
     assert torch.backends.mkldnn.enabled  # restored after the step

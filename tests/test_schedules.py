@@ -28,8 +28,12 @@ def test_linear_matches_transformers_after_warmup():
 
 
 def test_tri_stage_holds_then_decays_exponentially_to_the_final_scale():
-    scale = lrs(tri_stage(optimizer(), total_steps=100, warmup_steps=10, hold_fraction=0.4,
-                          final_lr_scale=0.01, decay="exponential"), 101)
+    scale = lrs(
+        tri_stage(
+            optimizer(), total_steps=100, warmup_steps=10, hold_fraction=0.4, final_lr_scale=0.01, decay="exponential"
+        ),
+        101,
+    )
     assert scale[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
     assert scale[10:50] == pytest.approx([1.0] * 40)
     assert scale[75] == pytest.approx(0.1)  # halfway through the decay: sqrt(0.01)
@@ -38,8 +42,14 @@ def test_tri_stage_holds_then_decays_exponentially_to_the_final_scale():
 
 def test_a_time_budget_used_up_faster_than_the_steps_moves_the_schedule_on():
     clock = {"fraction": 0.0}
-    scheduler = tri_stage(optimizer(), total_steps=100, warmup_steps=10, hold_fraction=0.2, final_lr_scale=0.0,
-                          time_fraction=lambda: clock["fraction"])
+    scheduler = tri_stage(
+        optimizer(),
+        total_steps=100,
+        warmup_steps=10,
+        hold_fraction=0.2,
+        final_lr_scale=0.0,
+        time_fraction=lambda: clock["fraction"],
+    )
     assert lrs(scheduler, 20)[-1] == pytest.approx(1.0)  # step 19, no time used: still holding
     clock["fraction"] = 0.65  # the budget says step 65: halfway through the decay from step 30
     scheduler.step()
@@ -55,8 +65,12 @@ def test_the_module_hands_the_trainers_time_budget_to_the_schedule(monkeypatch, 
     from asr.model import SpeechRecognizer
     from tests.helpers import TINY_HUBERT
 
-    module = SpeechRecognizer(tokenizer=tokenizer, optimizer=partial(torch.optim.SGD, lr=1.0), config=TINY_HUBERT,
-                              scheduler=partial(tri_stage, warmup_steps=0))
+    module = SpeechRecognizer(
+        tokenizer=tokenizer,
+        optimizer=partial(torch.optim.SGD, lr=1.0),
+        config=TINY_HUBERT,
+        scheduler=partial(tri_stage, warmup_steps=0),
+    )
     monkeypatch.setattr(L.Trainer, "estimated_stepping_batches", 100)
     trainer = L.Trainer(accelerator="cpu", max_steps=100, max_time={"seconds": 60}, logger=False)
     module.trainer = trainer
@@ -72,8 +86,12 @@ def test_without_max_time_the_schedule_follows_the_steps_only(monkeypatch, token
     from asr.model import SpeechRecognizer
     from tests.helpers import TINY_HUBERT
 
-    module = SpeechRecognizer(tokenizer=tokenizer, optimizer=partial(torch.optim.SGD, lr=1.0), config=TINY_HUBERT,
-                              scheduler=partial(tri_stage, warmup_steps=4))
+    module = SpeechRecognizer(
+        tokenizer=tokenizer,
+        optimizer=partial(torch.optim.SGD, lr=1.0),
+        config=TINY_HUBERT,
+        scheduler=partial(tri_stage, warmup_steps=4),
+    )
     monkeypatch.setattr(L.Trainer, "estimated_stepping_batches", 100)
     module.trainer = L.Trainer(accelerator="cpu", max_steps=100, logger=False)
     assert module.configure_optimizers()["lr_scheduler"]["scheduler"].get_last_lr()[0] == pytest.approx(0.25)

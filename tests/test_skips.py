@@ -18,8 +18,11 @@ def test_an_utterance_is_counted_once_under_its_split_however_often_it_is_met(ca
         skips.decoded("validate", epoch, ["dev-clean"], [("undecodable audio", "/d/LibriSpeech/dev-clean/5.flac")])
         skips.decoded("validate", epoch, ["dev-clean"], [])
     skips.flush()
-    assert skips.counts == {"dev-clean/empty transcript": 1, "train-960/undecodable audio": 1,
-                            "dev-clean/undecodable audio": 1}
+    assert skips.counts == {
+        "dev-clean/empty transcript": 1,
+        "train-960/undecodable audio": 1,
+        "dev-clean/undecodable audio": 1,
+    }
     logged = [r.getMessage() for r in caplog.records]
     assert len(logged) == 4 and logged[0].startswith("train, epoch 0: skipped 1 utterances while decoding")
     assert "validate, epoch 1" in logged[3] and "e.g. undecodable audio: /d/LibriSpeech/dev-clean/5.flac" in logged[3]

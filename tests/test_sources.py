@@ -21,7 +21,8 @@ from tests.helpers import drain, ready
 def test_each_source_says_where_a_part_is(tmp_path):
     assert FolderSource(str(tmp_path)).locations("dev-clean") == [str(tmp_path / "LibriSpeech" / "dev-clean")]
     assert ArchiveSource(str(tmp_path)).locations("train-960") == [
-        str(tmp_path / f"{part}.tar.gz") for part in ("train-clean-100", "train-clean-360", "train-other-500")]
+        str(tmp_path / f"{part}.tar.gz") for part in ("train-clean-100", "train-clean-360", "train-other-500")
+    ]
     url = ArchiveSource(str(tmp_path), "https://example.org/12/").location("test-other")
     assert url == "https://example.org/12/test-other.tar.gz"
 
@@ -36,7 +37,8 @@ def test_a_missing_folder_says_how_to_get_it_and_an_archive_in_its_place_how_to_
     assert folder.missing(["dev-clean", "test-other"]) == (
         f"LibriSpeech test-other is not extracted in {tmp_path / 'LibriSpeech'}, but {tmp_path / 'test-other.tar.gz'} "
         f"exists: read the archives as they are with data/source=archive, or extract them with "
-        f"`python -m asr.data download data.root={tmp_path}`.")
+        f"`python -m asr.data download data.root={tmp_path}`."
+    )
     (tmp_path / "LibriSpeech" / "test-other").mkdir()
     assert folder.missing(["dev-clean", "test-other"]) is None
 
@@ -70,8 +72,10 @@ class ToneSource(Source):
         return str(self.count)
 
     def scan(self, location: str, index_to: Path) -> Manifest:
-        utterances = [Utterance(f"1-1-{k}", location, "A TONE", "1", 8000 + 1000 * k, 16_000, member=str(k), index=k)
-                      for k in range(self.count)]
+        utterances = [
+            Utterance(f"1-1-{k}", location, "A TONE", "1", 8000 + 1000 * k, 16_000, member=str(k), index=k)
+            for k in range(self.count)
+        ]
         return Manifest(location, "", utterances, [])
 
     def open(self, utt: Utterance) -> io.BytesIO:
@@ -86,9 +90,19 @@ class ToneSource(Source):
 
 
 def test_a_source_defined_outside_the_package_is_chosen_by_config(tmp_path):
-    cfg = compose("train", ["experiment=demo", f"data.root={tmp_path}", "~data.source",
-                            "+data.source._target_=tests.test_sources.ToneSource", "+data.source.count=5",
-                            "data.train_splits=[train]", "data.val_splits=[dev]", "data.test_splits=[]"])
+    cfg = compose(
+        "train",
+        [
+            "experiment=demo",
+            f"data.root={tmp_path}",
+            "~data.source",
+            "+data.source._target_=tests.test_sources.ToneSource",
+            "+data.source.count=5",
+            "data.train_splits=[train]",
+            "data.val_splits=[dev]",
+            "data.test_splits=[]",
+        ],
+    )
     dm = ready(build_datamodule(cfg))
     assert isinstance(dm.source, ToneSource)
     batches = drain(dm, dm.train_dataloader())

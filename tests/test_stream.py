@@ -13,8 +13,16 @@ from tests.helpers import CHECK_PROBLEMS, SOURCE_PROBLEMS, USABLE, big_archive, 
 
 
 def stream(archive, tokenizer, rank, world, **kwargs):
-    return StreamDataset([archive], Checks(tokenizer, min_samples=100), max_batch_seconds=1.5, buffer_size=12,
-                         seed=3, rank=rank, world_size=world, **kwargs)
+    return StreamDataset(
+        [archive],
+        Checks(tokenizer, min_samples=100),
+        max_batch_seconds=1.5,
+        buffer_size=12,
+        seed=3,
+        rank=rank,
+        world_size=world,
+        **kwargs,
+    )
 
 
 def batches_of(dataset, workers):
@@ -24,15 +32,15 @@ def batches_of(dataset, workers):
 def test_evaluation_stream_gives_every_utterance_once_across_ranks_and_workers(tmp_path, tokenizer):
     write_corpus(tmp_path)
     archive = str(make_archive(tmp_path, "dev-clean", tmp_path / "dev-clean.tar.gz"))
-    datasets = [StreamDataset([archive], Checks(tokenizer), batch_size=2, rank=r, world_size=2)
-                for r in range(2)]
+    datasets = [StreamDataset([archive], Checks(tokenizer), batch_size=2, rank=r, world_size=2) for r in range(2)]
     ranks = [batches_of(dataset, workers=2) for dataset in datasets]
     batches = [b for rank in ranks for b in rank]
     ids = [i for b in batches for i in b["ids"]]
     # Evaluation keeps 174-50561-0006 (too many letters to train on); the truncated file fails when decoded.
     assert sorted(ids) == sorted(set(USABLE) - {"174-50561-0002"})
     assert {i: t for b in batches for i, t in zip(b["ids"], b["texts"], strict=True)} == {
-        i: t for i, t in USABLE.items() if i != "174-50561-0002"}
+        i: t for i, t in USABLE.items() if i != "174-50561-0002"
+    }
     skipped = sorted((reason, where.rpartition("/")[2]) for b in batches for reason, where in b["skipped"])
     assert [r for r, _ in skipped].count("undecodable audio") == 1
     assert len(skipped) == len(SOURCE_PROBLEMS) + len(CHECK_PROBLEMS) + 1
@@ -56,8 +64,10 @@ def test_training_stream_ranks_get_equal_batch_counts_and_disjoint_data(tmp_path
     counts = [stream_shard_count(utterances, s, index_files, None, 1.5, 12, 3) for s, utterances in enumerate(shards)]
     per_rank = min(counts) * workers
     regions = {archive: IndexedRegions(manifest.index_file, dict(enumerate(shards)))} if by_region else {}
-    ranks = [batches_of(stream(archive, tokenizer, r, world, batches_per_epoch=per_rank, indexed=regions), workers)
-             for r in range(world)]
+    ranks = [
+        batches_of(stream(archive, tokenizer, r, world, batches_per_epoch=per_rank, indexed=regions), workers)
+        for r in range(world)
+    ]
     assert [len(batches) for batches in ranks] == [per_rank, per_rank]
     ids = [i for batches in ranks for b in batches for i in b["ids"]]
     assert len(ids) == len(set(ids)) and set(ids) <= set(transcripts)
@@ -67,8 +77,7 @@ def test_training_stream_ranks_get_equal_batch_counts_and_disjoint_data(tmp_path
             shard = shards[rank * workers + worker]
             assert {i for b in batches[worker::workers] for i in b["ids"]} <= {u.id for u in shard}
     # A rank asked for more batches than its shard holds re-reads it (another shuffle), and stops on time.
-    more = batches_of(stream(archive, tokenizer, 0, world, batches_per_epoch=per_rank * 3, indexed=regions),
-                      workers)
+    more = batches_of(stream(archive, tokenizer, 0, world, batches_per_epoch=per_rank * 3, indexed=regions), workers)
     assert len(more) == per_rank * 3
     # Each epoch has its own batches; read by region, a shard that stops at its quota leaves out other
     # utterances each epoch (its region is read from another start).
@@ -101,5 +110,3 @@ def test_training_stream_resumes_with_exactly_the_remaining_batches(tmp_path, to
     full = [b["ids"] for b in batches_of(dataset, 2)]
     dataset.set_epoch(2, start=3)
     assert [b["ids"] for b in batches_of(dataset, 2)] == full[3:]
-
-

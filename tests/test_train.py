@@ -13,7 +13,11 @@ from tests.helpers import TINY_MODEL
 
 def run_train(*overrides, cwd, timeout=600, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "asr.train", *overrides], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "asr.train", *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
     )
 
@@ -46,8 +50,9 @@ def test_runs_without_a_logger(demo_root, tmp_path):
 
 def test_without_data_or_network_fails_fast_with_instructions(tmp_path):
     start = time.time()
-    result = run_train(f"data.root={tmp_path / 'nowhere'}", cwd=tmp_path, timeout=120,
-                       env={"HF_HOME": str(tmp_path / "hf")})
+    result = run_train(
+        f"data.root={tmp_path / 'nowhere'}", cwd=tmp_path, timeout=120, env={"HF_HOME": str(tmp_path / "hf")}
+    )
     assert result.returncode != 0
     assert time.time() - start < 60
     message = result.stderr
@@ -58,9 +63,21 @@ def test_without_data_or_network_fails_fast_with_instructions(tmp_path):
 
 
 def test_model_card_config_prints(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "asr.train", "experiment=hubert_large_ls100h", "--cfg", "job"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "asr.train", "experiment=hubert_large_ls100h", "--cfg", "job"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
-    for line in ("pretrained: facebook/hubert-large-ll60k", "lr: 0.0003", "warmup_steps: 500", "max_epochs: 3",
-                 "precision: 16-mixed", "batch_size: 4", "seed: 42"):
+    for line in (
+        "pretrained: facebook/hubert-large-ll60k",
+        "lr: 0.0003",
+        "warmup_steps: 500",
+        "max_epochs: 3",
+        "precision: 16-mixed",
+        "batch_size: 4",
+        "seed: 42",
+    ):
         assert line in result.stdout

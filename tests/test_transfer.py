@@ -150,13 +150,15 @@ def refs(monkeypatch):
 
 def drain(dm, loader):
     dm.load_state_dict({"epoch": 0, "batches": 0})
-    return [(batch["ids"], batch["input_values"].clone()) for batch in (dm.on_after_batch_transfer(b, 0)
-                                                                        for b in loader)]
+    return [
+        (batch["ids"], batch["input_values"].clone()) for batch in (dm.on_after_batch_transfer(b, 0) for b in loader)
+    ]
 
 
 @pytest.mark.parametrize(("source", "task_seconds"), [("folder", None), ("folder", 6.0), ("archive", 6.0)])
-def test_workers_send_through_slots_the_batches_they_would_send_the_usual_way(tmp_path, tokenizer, source,
-                                                                               task_seconds, monkeypatch, refs):
+def test_workers_send_through_slots_the_batches_they_would_send_the_usual_way(
+    tmp_path, tokenizer, source, task_seconds, monkeypatch, refs
+):
     """With a batch per task, and with tasks of 4 batches (archive streams send batches one by one)."""
     built, _ = big_archive(tmp_path)
     root = tmp_path
@@ -165,9 +167,22 @@ def test_workers_send_through_slots_the_batches_they_would_send_the_usual_way(tm
         root.mkdir()
         Path(built).rename(root / "train-clean-100.tar.gz")
     sources = {"folder": FolderSource, "archive": ArchiveSource}
-    dm = ready(make_datamodule(root, tokenizer, sources[source](str(root)), train_splits=["train-clean-100"],
-                               val_splits=["train-clean-100"], test_splits=[], max_batch_seconds=1.5,
-                               eval_batch_size=3, min_samples=100, seed=5, num_workers=2, task_seconds=task_seconds))
+    dm = ready(
+        make_datamodule(
+            root,
+            tokenizer,
+            sources[source](str(root)),
+            train_splits=["train-clean-100"],
+            val_splits=["train-clean-100"],
+            test_splits=[],
+            max_batch_seconds=1.5,
+            eval_batch_size=3,
+            min_samples=100,
+            seed=5,
+            num_workers=2,
+            task_seconds=task_seconds,
+        )
+    )
     for make in (dm.train_dataloader, lambda: dm.val_dataloader()[0]):
         with monkeypatch.context() as without_slots:
             without_slots.setattr(dm.transport, "slots", lambda *args: None)
@@ -187,10 +202,18 @@ def test_workers_send_through_slots_the_batches_they_would_send_the_usual_way(tm
             assert np.all(loader.slots.marks.numpy() >= 0)
             assert all(refs)  # no slot left held by an abandoned iteration
 
+
 def test_tasks_of_several_batches_yield_the_batches_of_one_per_task_and_resume_mid_epoch(tmp_path, tokenizer):
     big_archive(tmp_path)
-    options = dict(train_splits=["train-clean-100"], val_splits=["train-clean-100"], test_splits=[],
-                   max_batch_seconds=1.5, eval_batch_size=3, min_samples=100, seed=5)
+    options = dict(
+        train_splits=["train-clean-100"],
+        val_splits=["train-clean-100"],
+        test_splits=[],
+        max_batch_seconds=1.5,
+        eval_batch_size=3,
+        min_samples=100,
+        seed=5,
+    )
     alone = ready(make_datamodule(tmp_path, tokenizer, num_workers=0, task_seconds=4.5, **options))
     grouped = ready(make_datamodule(tmp_path, tokenizer, num_workers=2, task_seconds=4.5, **options))
     assert alone.train_dataloader().batch_sampler.group == 1  # no workers: nothing to spread
@@ -216,13 +239,30 @@ def test_lightning_gets_the_same_batches_through_slots_as_without_workers(tmp_pa
     big_archive(tmp_path)
 
     def seen(workers):
-        dm = make_datamodule(tmp_path, tokenizer, train_splits=["train-clean-100"], val_splits=["train-clean-100"],
-                             test_splits=[], max_batch_seconds=1.5, eval_batch_size=3, min_samples=100, seed=5,
-                             num_workers=workers, task_seconds=task_seconds)
+        dm = make_datamodule(
+            tmp_path,
+            tokenizer,
+            train_splits=["train-clean-100"],
+            val_splits=["train-clean-100"],
+            test_splits=[],
+            max_batch_seconds=1.5,
+            eval_batch_size=3,
+            min_samples=100,
+            seed=5,
+            num_workers=workers,
+            task_seconds=task_seconds,
+        )
         model = Recorder()
-        L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                  default_root_dir=tmp_path).fit(model, datamodule=dm)
+        L.Trainer(
+            max_epochs=2,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            default_root_dir=tmp_path,
+        ).fit(model, datamodule=dm)
         return model.seen, model.validated
 
     alone = seen(0)
@@ -231,13 +271,22 @@ def test_lightning_gets_the_same_batches_through_slots_as_without_workers(tmp_pa
     assert len(refs) == sum(map(len, alone)) and all(refs)
 
 
-def test_a_training_stream_without_a_manifest_has_slots_as_large_as_max_duration_allows(tmp_path, tokenizer,
-                                                                                        monkeypatch, refs):
+def test_a_training_stream_without_a_manifest_has_slots_as_large_as_max_duration_allows(
+    tmp_path, tokenizer, monkeypatch, refs
+):
     root = tmp_path / "archives"
     root.mkdir()
     Path(big_archive(tmp_path)[0]).rename(root / "train-clean-100.tar.gz")
-    options = dict(train_splits=["train-clean-100"], val_splits=[], test_splits=[], batch_size=3,
-                   max_batch_seconds=None, batches_per_epoch=6, min_samples=100, num_workers=2)
+    options = dict(
+        train_splits=["train-clean-100"],
+        val_splits=[],
+        test_splits=[],
+        batch_size=3,
+        max_batch_seconds=None,
+        batches_per_epoch=6,
+        min_samples=100,
+        num_workers=2,
+    )
     source = ArchiveSource(str(root))
     assert ready(make_datamodule(root, tokenizer, source, **options)).train_dataloader().slots is None
     dm = ready(make_datamodule(root, tokenizer, source, max_duration=1.5, **options))
@@ -246,8 +295,9 @@ def test_a_training_stream_without_a_manifest_has_slots_as_large_as_max_duration
     by_budget = {**options, "batch_size": None, "max_batch_seconds": 1.5, "max_duration": 5.0}
     assert ready(make_datamodule(root, tokenizer, source, **by_budget)).train_dataloader().slots.samples == 24_000
     evaluated = {**options, "val_splits": ["train-clean-100"], "eval_batch_size": 3}  # no manifest: no bound
-    assert ready(make_datamodule(root, tokenizer, source, max_duration=1.5, **evaluated)).val_dataloader()[0].slots \
-        is None
+    assert (
+        ready(make_datamodule(root, tokenizer, source, max_duration=1.5, **evaluated)).val_dataloader()[0].slots is None
+    )
     with monkeypatch.context() as without_slots:
         without_slots.setattr(dm.transport, "slots", lambda *args: None)
         expected = drain(dm, dm.train_dataloader())
@@ -263,9 +313,19 @@ def test_resampled_batches_at_the_budget_fit_their_slots(tmp_path, tokenizer, re
     for k in range(4):
         write_flac(tmp_path / "LibriSpeech" / "train" / "1" / "2" / f"1-2-{k}.flac", 11002 / 22050, rate=22050)
     (tmp_path / "LibriSpeech" / "train" / "1" / "2" / "1-2.trans.txt").write_text(
-        "".join(f"1-2-{k} HELLO\n" for k in range(4)))
-    dm = ready(make_datamodule(tmp_path, tokenizer, val_splits=[], test_splits=[], resample=True,
-                               max_batch_seconds=2 * 11002 / 22050, num_workers=2))
+        "".join(f"1-2-{k} HELLO\n" for k in range(4))
+    )
+    dm = ready(
+        make_datamodule(
+            tmp_path,
+            tokenizer,
+            val_splits=[],
+            test_splits=[],
+            resample=True,
+            max_batch_seconds=2 * 11002 / 22050,
+            num_workers=2,
+        )
+    )
     batches = drain(dm, dm.train_dataloader())
     assert [pcm.shape for _, pcm in batches] == [(2, 7984)] * 2
     assert refs == [True, True]
@@ -274,8 +334,11 @@ def test_resampled_batches_at_the_budget_fit_their_slots(tmp_path, tokenizer, re
 def test_a_loader_refuses_slots_it_could_not_tag_with_their_iteration(tmp_path, tokenizer):
     slots = SharedSlots(workers=2, per_worker=1, samples=4)
     with pytest.raises(ValueError, match="need each batch's loader iteration"):
-        SpeechLoader(SpeechDataset(FolderSource(str(tmp_path)), [], Checks(tokenizer), slots=slots), batch_size=None,
-                     num_workers=2)
+        SpeechLoader(
+            SpeechDataset(FolderSource(str(tmp_path)), [], Checks(tokenizer), slots=slots),
+            batch_size=None,
+            num_workers=2,
+        )
     stream = StreamDataset([], Checks(tokenizer), batch_size=2, slots=slots)
     with pytest.raises(ValueError, match="need each batch's loader iteration"):
         SpeechLoader(stream, batch_size=None, num_workers=2, persistent_workers=True)
@@ -284,8 +347,19 @@ def test_a_loader_refuses_slots_it_could_not_tag_with_their_iteration(tmp_path, 
 
 def test_without_room_in_shared_memory_batches_go_the_usual_way(tmp_path, tokenizer, monkeypatch, caplog):
     big_archive(tmp_path)
-    dm = ready(make_datamodule(tmp_path, tokenizer, train_splits=["train-clean-100"], val_splits=[], test_splits=[],
-                               max_batch_seconds=1.5, min_samples=100, num_workers=2, task_seconds=3))
+    dm = ready(
+        make_datamodule(
+            tmp_path,
+            tokenizer,
+            train_splits=["train-clean-100"],
+            val_splits=[],
+            test_splits=[],
+            max_batch_seconds=1.5,
+            min_samples=100,
+            num_workers=2,
+            task_seconds=3,
+        )
+    )
     loader = dm.train_dataloader()
     assert loader.batch_sampler.group == 2
     assert loader.slots.pcm.numel() == 2 * 3 * 2 * 24_000  # workers, tasks, batches per task

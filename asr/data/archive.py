@@ -101,8 +101,9 @@ class _Counting:
         return self.position
 
 
-def _record(location: str, member: tarfile.TarInfo, index: int, data: bytes, transcripts: dict[str, str],
-            trans_name: str) -> tuple[Utterance, bytes] | Problem:
+def _record(
+    location: str, member: tarfile.TarInfo, index: int, data: bytes, transcripts: dict[str, str], trans_name: str
+) -> tuple[Utterance, bytes] | Problem:
     where = f"{location}:{member.name}"
     utt_id = member.name.rpartition("/")[2].removesuffix(".flac")
     text = transcript_of(utt_id, where, transcripts, trans_name)
@@ -113,8 +114,18 @@ def _record(location: str, member: tarfile.TarInfo, index: int, data: bytes, tra
     except (sf.LibsndfileError, RuntimeError) as err:
         return Problem("unreadable audio", where, f"cannot read the audio header: {err}")
     speaker = utt_id.split("-", 1)[0]
-    return Utterance(utt_id, location, text, speaker, info.frames, info.samplerate, member.name, index,
-                     member.offset_data, member.size), data
+    return Utterance(
+        utt_id,
+        location,
+        text,
+        speaker,
+        info.frames,
+        info.samplerate,
+        member.name,
+        index,
+        member.offset_data,
+        member.size,
+    ), data
 
 
 def _check_end(tar: tarfile.TarFile, location: str) -> None:
@@ -123,15 +134,18 @@ def _check_end(tar: tarfile.TarFile, location: str) -> None:
     zeros = 0
     while chunk := tar.fileobj.read(1 << 16):
         if chunk.count(0) != len(chunk):
-            raise DataError(f"{location}: damaged archive: an invalid tar header at byte {tar.offset} of its "
-                            f"contents, and data after it")
+            raise DataError(
+                f"{location}: damaged archive: an invalid tar header at byte {tar.offset} of its "
+                f"contents, and data after it"
+            )
         zeros += len(chunk)
     if zeros < tarfile.BLOCKSIZE:
         raise DataError(f"{location}: truncated archive: it ends without tar's end-of-archive blocks")
 
 
-def read_archive(location: str, shard: int = 0, shards: int = 1, progress: Progress | None = None,
-                 index_to: Path | None = None) -> Iterator[tuple[Utterance, bytes] | Problem]:
+def read_archive(
+    location: str, shard: int = 0, shards: int = 1, progress: Progress | None = None, index_to: Path | None = None
+) -> Iterator[tuple[Utterance, bytes] | Problem]:
     """This shard's utterances with their FLAC bytes, and its problems, as the archive streams by.
 
     Audio member ``k`` (counting the archive's ``.flac`` members from 0) belongs to shard ``k % shards``; the
@@ -156,8 +170,9 @@ def read_archive(location: str, shard: int = 0, shards: int = 1, progress: Progr
         if index_to is not None:
             indexer = stack.enter_context(IndexedGzipFile(fileobj=stream, spacing=INDEX_SPACING))
         try:
-            tar = stack.enter_context(tarfile.open(fileobj=stream if indexer is None else indexer,
-                                                   mode="r|gz" if indexer is None else "r|"))
+            tar = stack.enter_context(
+                tarfile.open(fileobj=stream if indexer is None else indexer, mode="r|gz" if indexer is None else "r|")
+            )
             for member in tar:
                 tar.members = []  # a stream reads each member once: keep no list of them (0.5 KB each)
                 chapter, _, name = member.name.rpartition("/")
@@ -218,8 +233,7 @@ def cut_regions(utterances: Sequence[Utterance], shards: int) -> list[list[Utter
     return regions
 
 
-def read_members(location: str, index_file: str,
-                 utterances: Sequence[Utterance]) -> Iterator[tuple[Utterance, bytes]]:
+def read_members(location: str, index_file: str, utterances: Sequence[Utterance]) -> Iterator[tuple[Utterance, bytes]]:
     """The FLAC bytes of archive members, found through the archive's gzip index, in the order given (in stream
     order, nothing is inflated twice; a region read from a later start seeks back once, to its beginning)."""
     if not utterances:
@@ -230,8 +244,10 @@ def read_members(location: str, index_file: str,
             if is_url(location):
                 stream = stack.enter_context(open_location(location)[0])
                 if not stream.seekable():
-                    raise DataError(f"{location}: the server no longer serves byte ranges, which reading it through "
-                                    "its gzip index needs")
+                    raise DataError(
+                        f"{location}: the server no longer serves byte ranges, which reading it through "
+                        "its gzip index needs"
+                    )
                 f = stack.enter_context(IndexedGzipFile(fileobj=stream, index_file=index_file))
             else:  # by name: indexed_gzip then opens and closes its own file handles
                 f = stack.enter_context(IndexedGzipFile(str(Path(location).expanduser()), index_file=index_file))
@@ -247,5 +263,6 @@ def read_members(location: str, index_file: str,
             raise cause from None
         if cause is not None:
             raise DataError(f"{location}: reading failed ({cause})") from err
-        raise DataError(f"{location}: cannot read it through its gzip index {index_file} ({err}); "
-                        f"if {changed}") from err
+        raise DataError(
+            f"{location}: cannot read it through its gzip index {index_file} ({err}); if {changed}"
+        ) from err

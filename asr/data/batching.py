@@ -26,8 +26,9 @@ class Budget(NamedTuple):
     max_batch_seconds: float | None
 
 
-def cut_batches(order: Sequence[int], durations: Sequence[float], batch_size: int | None,
-                max_batch_seconds: float | None) -> list[list[int]]:
+def cut_batches(
+    order: Sequence[int], durations: Sequence[float], batch_size: int | None, max_batch_seconds: float | None
+) -> list[list[int]]:
     """Cut ``order`` (indices, by increasing duration) into batches of ``batch_size`` utterances or of at most
     ``max_batch_seconds`` padded seconds (``len(batch) * longest``); an utterance longer than that is a batch of
     its own (training leaves such utterances out beforehand, evaluation keeps every one)."""
@@ -65,8 +66,14 @@ class DurationBatchSampler(Sampler[list[int]]):
     and a shortfall is made up with the epoch's first batches again.
     """
 
-    def __init__(self, durations: Sequence[float], batch_size: int | None = None,
-                 max_batch_seconds: float | None = None, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        durations: Sequence[float],
+        batch_size: int | None = None,
+        max_batch_seconds: float | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
         _check_budget(batch_size, max_batch_seconds)
         self.durations = list(durations)
         self.batch_size = batch_size
@@ -108,8 +115,9 @@ class DistributedBatchSampler(Sampler[list[int]]):
     resumed run); ``len()`` stays the epoch's full count.
     """
 
-    def __init__(self, batches: DurationBatchSampler, rank: int = 0, world_size: int = 1,
-                 drop_uneven: bool = True) -> None:
+    def __init__(
+        self, batches: DurationBatchSampler, rank: int = 0, world_size: int = 1, drop_uneven: bool = True
+    ) -> None:
         self.batches = batches
         self.rank, self.world_size = rank, world_size
         self.drop_uneven = drop_uneven
@@ -138,9 +146,14 @@ class DistributedBatchSampler(Sampler[list[int]]):
 STREAM_MIN_EFFICIENCY = 0.97
 
 
-def bucket_stream(items: Iterable[T], duration: Callable[[T], float], batch_size: int | None,
-                  max_batch_seconds: float | None, buffer_size: int,
-                  rng: random.Random | None = None) -> Iterator[list[T]]:
+def bucket_stream(
+    items: Iterable[T],
+    duration: Callable[[T], float],
+    batch_size: int | None,
+    max_batch_seconds: float | None,
+    buffer_size: int,
+    rng: random.Random | None = None,
+) -> Iterator[list[T]]:
     """Batches of similar-length items from a stream: fill a buffer, sort it, cut it into batches, emit them
     (see ``STREAM_MIN_EFFICIENCY`` for those that wait).
 

@@ -57,8 +57,11 @@ from asr.data.synthetic import librispeech_like_durations, write_long_files
 def padding(durations: list[float], max_batch_seconds: float, buffer_size: int, seed: int = 0) -> dict:
     """Padding efficiency of each batching on the same durations."""
     ours = list(DurationBatchSampler(durations, max_batch_seconds=max_batch_seconds, seed=seed))
-    stream = list(bucket_stream(range(len(durations)), durations.__getitem__, None, max_batch_seconds,
-                                buffer_size, random.Random(seed)))
+    stream = list(
+        bucket_stream(
+            range(len(durations)), durations.__getitem__, None, max_batch_seconds, buffer_size, random.Random(seed)
+        )
+    )
     size = max(1, round(len(durations) / len(ours)))
     shuffled = list(range(len(durations)))
     random.Random(seed).shuffle(shuffled)
@@ -71,10 +74,12 @@ def padding(durations: list[float], max_batch_seconds: float, buffer_size: int, 
         "mean_batch_size": size,
         "sampler": round(efficiency(ours, durations), 4),
         "stream_buffer": round(efficiency(stream, durations), 4),
-        "random_fixed_size": round(efficiency([shuffled[i : i + size] for i in range(0, len(shuffled), size)],
-                                              durations), 4),
-        "length_grouped": round(efficiency([grouped[i : i + size] for i in range(0, len(grouped), size)],
-                                           durations), 4),
+        "random_fixed_size": round(
+            efficiency([shuffled[i : i + size] for i in range(0, len(shuffled), size)], durations), 4
+        ),
+        "length_grouped": round(
+            efficiency([grouped[i : i + size] for i in range(0, len(grouped), size)], durations), 4
+        ),
     }
 
 
@@ -107,8 +112,10 @@ def parallel_plain_rate(paths: list[str], seconds: float, processes: int) -> flo
     the ceiling of a loader with as many workers."""
     context = multiprocessing.get_context("fork")
     barrier, results = context.Barrier(processes, timeout=2 * seconds + 60), context.Queue()
-    children = [context.Process(target=_plain_process, args=(paths[k::processes], seconds, barrier, results),
-                                daemon=True) for k in range(processes)]
+    children = [
+        context.Process(target=_plain_process, args=(paths[k::processes], seconds, barrier, results), daemon=True)
+        for k in range(processes)
+    ]
     try:
         for child in children:
             child.start()
@@ -156,8 +163,11 @@ def loader_rate(datamodule, workers: int, seconds: float) -> dict:
     end = workers_cpu() if workers and worker_cpu is not None else None
     worker_cpu = None if end is None else end - worker_cpu
     del loader
-    return {"rate": audio / elapsed, "cpu_main": 1000 * main_cpu / audio,
-            "cpu_workers": None if worker_cpu is None else 1000 * worker_cpu / audio}
+    return {
+        "rate": audio / elapsed,
+        "cpu_main": 1000 * main_cpu / audio,
+        "cpu_workers": None if worker_cpu is None else 1000 * worker_cpu / audio,
+    }
 
 
 def model_inputs_cost(datamodule, batches: int = 20) -> float:
@@ -198,14 +208,22 @@ def archive_reading(folder: str, shards: int, tmp: Path, over_http: bool = False
         manifest = load_manifest(source, location, tmp / name)
         scanned = time.perf_counter() - start
         streamed = _timed(read_archive(location, shard, shards))
-        by_region = _timed(read_members(location, manifest.index_file,
-                                        cut_regions(manifest.utterances, shards)[shard]))
-        return {"members": len(manifest.utterances), "scan_and_index_seconds": round(scanned, 1),
-                "streamed": streamed, "by_region": by_region,
-                "speedup": round(streamed["seconds"] / by_region["seconds"], 2)}
+        by_region = _timed(read_members(location, manifest.index_file, cut_regions(manifest.utterances, shards)[shard]))
+        return {
+            "members": len(manifest.utterances),
+            "scan_and_index_seconds": round(scanned, 1),
+            "streamed": streamed,
+            "by_region": by_region,
+            "speedup": round(streamed["seconds"] / by_region["seconds"], 2),
+        }
 
-    result = {"archive_mb": round(archive.stat().st_size / 1e6, 1), "pack_seconds": round(packed, 1),
-              "shards": shards, "shard": shard, **timings(str(archive), "manifest.json")}
+    result = {
+        "archive_mb": round(archive.stat().st_size / 1e6, 1),
+        "pack_seconds": round(packed, 1),
+        "shards": shards,
+        "shard": shard,
+        **timings(str(archive), "manifest.json"),
+    }
     if over_http:
         context = multiprocessing.get_context("fork")
         port = context.Queue()
@@ -236,8 +254,10 @@ def throughput(datamodule, utterances: list[Utterance], workers: list[int], seco
     cores. CPU time per audio-second depends far less than the rates on how many cores are free:
     ``worker_cpu_efficiency`` is plain decoding's over the workers' (1: a worker spends nothing beyond
     decoding)."""
-    results = {"mean_duration": round(statistics.mean(u.duration for u in utterances), 2),
-               "model_inputs_on_host_ms_per_audio_s": round(model_inputs_cost(datamodule), 4)}
+    results = {
+        "mean_duration": round(statistics.mean(u.duration for u in utterances), 2),
+        "model_inputs_on_host_ms_per_audio_s": round(model_inputs_cost(datamodule), 4),
+    }
     paths = [u.path for u in utterances]
     for n in workers:
         loaded, plain, parallel = [], [], []
@@ -247,38 +267,60 @@ def throughput(datamodule, utterances: list[Utterance], workers: list[int], seco
             if n > 1:
                 parallel.append(parallel_plain_rate(paths, seconds / rounds, n))
         ratio = statistics.median(ours["rate"] / theirs["rate"] for ours, theirs in zip(loaded, plain, strict=True))
-        cpu = {"plain": statistics.median(p["cpu"] for p in plain),
-               "main": statistics.median(r["cpu_main"] for r in loaded)}
+        cpu = {
+            "plain": statistics.median(p["cpu"] for p in plain),
+            "main": statistics.median(r["cpu_main"] for r in loaded),
+        }
         if all(r["cpu_workers"] is not None for r in loaded):
             cpu["workers"] = statistics.median(r["cpu_workers"] for r in loaded)
-        result = {"audio_s_per_s": round(statistics.median(r["rate"] for r in loaded), 1),
-                  "plain_audio_s_per_s": round(statistics.median(p["rate"] for p in plain), 1),
-                  "ratio": round(ratio, 3), "per_worker": round(ratio / max(1, n), 3),
-                  "cpu_ms_per_audio_s": {name: round(value, 4) for name, value in cpu.items()}}
+        result = {
+            "audio_s_per_s": round(statistics.median(r["rate"] for r in loaded), 1),
+            "plain_audio_s_per_s": round(statistics.median(p["rate"] for p in plain), 1),
+            "ratio": round(ratio, 3),
+            "per_worker": round(ratio / max(1, n), 3),
+            "cpu_ms_per_audio_s": {name: round(value, 4) for name, value in cpu.items()},
+        }
         if "workers" in cpu:
             result["worker_cpu_efficiency"] = round(cpu["plain"] / cpu["workers"], 3)
         if parallel:
             result["parallel_plain_audio_s_per_s"] = round(statistics.median(parallel), 1)
-            result["ratio_to_parallel_plain"] = round(statistics.median(
-                ours["rate"] / theirs for ours, theirs in zip(loaded, parallel, strict=True)), 3)
+            result["ratio_to_parallel_plain"] = round(
+                statistics.median(ours["rate"] / theirs for ours, theirs in zip(loaded, parallel, strict=True)), 3
+            )
         results[f"workers={n}"] = result
     return results
 
 
-def run(overrides: list[str], workers: list[int], seconds: float, rounds: int, synthetic_hours: float,
-        synthetic_batch_seconds: float, long_files: int, archive_shards: int = 0, archive_http: bool = False) -> dict:
+def run(
+    overrides: list[str],
+    workers: list[int],
+    seconds: float,
+    rounds: int,
+    synthetic_hours: float,
+    synthetic_batch_seconds: float,
+    long_files: int,
+    archive_shards: int = 0,
+    archive_http: bool = False,
+) -> dict:
     overrides = overrides or ["experiment=demo"]
     datamodule, utterances = train_data(overrides)
     loader = {"corpus": throughput(datamodule, utterances, workers, seconds, rounds)}
     if long_files:
         with tempfile.TemporaryDirectory() as tmp:
             root = write_long_files(utterances, Path(tmp), long_files)
-            long_data, long_utterances = train_data([
-                *(o for o in overrides if not o.startswith("data/source=")), "data/source=folder", f"data.root={root}",
-                "data.train_splits=[train-clean-100]",
-                "data.val_splits=[]", "data.test_splits=[]", "data.batch_size=null",
-                f"data.max_batch_seconds={synthetic_batch_seconds}", "data.max_duration=null",
-            ])
+            long_data, long_utterances = train_data(
+                [
+                    *(o for o in overrides if not o.startswith("data/source=")),
+                    "data/source=folder",
+                    f"data.root={root}",
+                    "data.train_splits=[train-clean-100]",
+                    "data.val_splits=[]",
+                    "data.test_splits=[]",
+                    "data.batch_size=null",
+                    f"data.max_batch_seconds={synthetic_batch_seconds}",
+                    "data.max_duration=null",
+                ]
+            )
             loader["long_files"] = throughput(long_data, long_utterances, workers, seconds, rounds)
     if archive_shards:
         with tempfile.TemporaryDirectory() as tmp:
@@ -292,8 +334,9 @@ def run(overrides: list[str], workers: list[int], seconds: float, rounds: int, s
         "loader": loader,
         "padding": {
             "corpus": padding([u.duration for u in utterances], budget, datamodule.shuffle_buffer),
-            "synthetic": padding(librispeech_like_durations(synthetic_hours), synthetic_batch_seconds,
-                                 datamodule.shuffle_buffer),
+            "synthetic": padding(
+                librispeech_like_durations(synthetic_hours), synthetic_batch_seconds, datamodule.shuffle_buffer
+            ),
         },
     }
 
@@ -304,19 +347,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="time for each measurement, split over the rounds")
     parser.add_argument("--rounds", type=int, default=3, help="loader and plain timings alternated this often")
     parser.add_argument("--synthetic-hours", type=float, default=100.0)
-    parser.add_argument("--synthetic-batch-seconds", type=float, default=200.0,
-                        help="max_batch_seconds of the synthetic sets (and of the corpus without one)")
-    parser.add_argument("--long-files", type=int, default=300,
-                        help="FLAC files of LibriSpeech-like durations to time the loader on (0: none)")
-    parser.add_argument("--archive-shards", type=int, default=0,
-                        help="time a stream shard of this many reading a .tar.gz of the train split (0: not)")
-    parser.add_argument("--archive-http", action="store_true",
-                        help="with --archive-shards, also read the archive from a local HTTP server of byte ranges")
+    parser.add_argument(
+        "--synthetic-batch-seconds",
+        type=float,
+        default=200.0,
+        help="max_batch_seconds of the synthetic sets (and of the corpus without one)",
+    )
+    parser.add_argument(
+        "--long-files",
+        type=int,
+        default=300,
+        help="FLAC files of LibriSpeech-like durations to time the loader on (0: none)",
+    )
+    parser.add_argument(
+        "--archive-shards",
+        type=int,
+        default=0,
+        help="time a stream shard of this many reading a .tar.gz of the train split (0: not)",
+    )
+    parser.add_argument(
+        "--archive-http",
+        action="store_true",
+        help="with --archive-shards, also read the archive from a local HTTP server of byte ranges",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    results = run(overrides, [int(n) for n in args.workers.split(",")], args.seconds, args.rounds, args.synthetic_hours,
-                  args.synthetic_batch_seconds, args.long_files, args.archive_shards, args.archive_http)
+    results = run(
+        overrides,
+        [int(n) for n in args.workers.split(",")],
+        args.seconds,
+        args.rounds,
+        args.synthetic_hours,
+        args.synthetic_batch_seconds,
+        args.long_files,
+        args.archive_shards,
+        args.archive_http,
+    )
     text = json.dumps(results, indent=1)
     if args.json:
         args.json.write_text(text)

@@ -31,11 +31,14 @@ class Catalog:
 
     def manifest(self, split: str, verify: bool = False) -> list[Manifest]:
         """The manifests of a split's parts, scanned once (again when ``verify`` finds a part changed)."""
-        return [load_manifest(self.source, self.source.location(part), self.manifest_dir / f"{part}.json", verify)
-                for part in self.source.parts(split)]
+        return [
+            load_manifest(self.source, self.source.location(part), self.manifest_dir / f"{part}.json", verify)
+            for part in self.source.parts(split)
+        ]
 
-    def read(self, split: str, for_training: bool,
-             manifests: list[Manifest] | None = None) -> tuple[list[Utterance], list[Problem]]:
+    def read(
+        self, split: str, for_training: bool, manifests: list[Manifest] | None = None
+    ) -> tuple[list[Utterance], list[Problem]]:
         """The usable utterances of a split, from its manifests, and the problems of the others; under
         ``on_error="raise"`` the first problem raises a :class:`DataError` instead."""
         utterances, problems = [], []
@@ -63,8 +66,9 @@ class Catalog:
                 usable, problems = self.read(split, for_training, manifests)
             role, skipped = "training" if for_training else "evaluation", Counter(p.reason for p in problems)
             if not usable:
-                raise DataError(f"{split}: no utterances usable for {role} in {self.source.locations(split)}, "
-                                f"{dict(skipped)}")
+                raise DataError(
+                    f"{split}: no utterances usable for {role} in {self.source.locations(split)}, {dict(skipped)}"
+                )
             if skipped:
                 log.warning("%s: %d utterances for %s, skipped %s", split, len(usable), role, dict(skipped))
             self.skips.add(split, problems)

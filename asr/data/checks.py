@@ -62,8 +62,10 @@ class Checks:
         needed = len(text) + sum(a == b for a, b in itertools.pairwise(text))
         frames = (samples - self.min_samples) * self.frames_per_second // self.sample_rate + 1
         if frames < needed:
-            return bad("label longer than the output frames", f"{needed} CTC frames needed, {frames:.0f} in "
-                                                                f"{utt.duration:.2f} s")
+            return bad(
+                "label longer than the output frames",
+                f"{needed} CTC frames needed, {frames:.0f} in {utt.duration:.2f} s",
+            )
         return None
 
     def samples(self, utt: Utterance) -> int:
@@ -98,9 +100,13 @@ class Checks:
         out[:] = audio[: len(out)]
         return out
 
-    def batch(self, records: Sequence[tuple[Utterance, str | BinaryIO]], on_error: str,
-              skipped: Sequence[tuple[str, str]] = (),
-              buffer: Callable[[Sequence[int]], torch.Tensor] = pcm_buffer) -> dict:
+    def batch(
+        self,
+        records: Sequence[tuple[Utterance, str | BinaryIO]],
+        on_error: str,
+        skipped: Sequence[tuple[str, str]] = (),
+        buffer: Callable[[Sequence[int]], torch.Tensor] = pcm_buffer,
+    ) -> dict:
         """Decode utterances into one zero-padded 16-bit PCM ``buffer`` (made for their lengths): a loader batch,
         with ``lengths``, ``labels`` (token ids), ``texts``, ``ids`` and ``skipped`` as lists. Under
         ``on_error="skip"`` the utterances that fail are left out and listed as (reason, file) in ``skipped``,
@@ -121,5 +127,11 @@ class Checks:
             records, lengths = [records[k] for k in keep], [lengths[k] for k in keep]
             pcm = pcm[keep, : max(lengths, default=0)]
         texts = [normalize(utt.transcript) for utt, _ in records]
-        return {"input_values": pcm, "lengths": lengths, "labels": [self.tokenizer.encode(t) for t in texts],
-                "texts": texts, "ids": [utt.id for utt, _ in records], "skipped": list(skipped)}
+        return {
+            "input_values": pcm,
+            "lengths": lengths,
+            "labels": [self.tokenizer.encode(t) for t in texts],
+            "texts": texts,
+            "ids": [utt.id for utt, _ in records],
+            "skipped": list(skipped),
+        }

@@ -65,9 +65,16 @@ class SpeechDataModule(L.LightningDataModule):
         super().__init__()
         self.source, self.root = source, root
         self.train_splits, self.val_splits, self.test_splits = train_splits, val_splits, test_splits
-        self.checks = Checks(tokenizer, sample_rate=sample_rate, resample=resample, min_samples=min_samples,
-                             frames_per_second=frames_per_second, min_duration=min_duration,
-                             max_duration=max_duration, max_batch_seconds=max_batch_seconds)
+        self.checks = Checks(
+            tokenizer,
+            sample_rate=sample_rate,
+            resample=resample,
+            min_samples=min_samples,
+            frames_per_second=frames_per_second,
+            min_duration=min_duration,
+            max_duration=max_duration,
+            max_batch_seconds=max_batch_seconds,
+        )
         self.budget = Budget(batch_size, max_batch_seconds)
         self.eval_budget = Budget(eval_batch_size if eval_max_batch_seconds is None else None, eval_max_batch_seconds)
         self.shuffle_buffer, self.batches_per_epoch, self.seed = shuffle_buffer, batches_per_epoch, seed
@@ -104,11 +111,18 @@ class SpeechDataModule(L.LightningDataModule):
         for split in filter(self._scanned, wanted.get(stage, self._all_splits())):
             if split in self.val_splits + self.test_splits and not self.catalog.loaded(split, False):
                 budget = self.eval_budget.max_batch_seconds
-                longer = [u.duration for u in self.catalog.load(split, False)
-                          if budget is not None and u.duration > budget]
+                longer = [
+                    u.duration for u in self.catalog.load(split, False) if budget is not None and u.duration > budget
+                ]
                 if longer:
-                    log.warning("%s: %d utterances longer than data.eval_max_batch_seconds=%s are batched alone "
-                                "(longest %.1f s)", split, len(longer), budget, max(longer))
+                    log.warning(
+                        "%s: %d utterances longer than data.eval_max_batch_seconds=%s are batched alone "
+                        "(longest %.1f s)",
+                        split,
+                        len(longer),
+                        budget,
+                        max(longer),
+                    )
             if split in self.train_splits:
                 self.catalog.load(split, True)
 
@@ -145,21 +159,39 @@ class SpeechDataModule(L.LightningDataModule):
             group = self.transport.group(durations, budget, samples)
             slots = self.transport.slots(samples, group)
             dataset = SpeechDataset(self.source, utterances, self.checks, on_error, slots)
-            return SpeechLoader(dataset, batch_sampler=sampler, group=group, position=position,
-                                persistent_workers=self.transport.num_workers > 0, **self.transport.options())
+            return SpeechLoader(
+                dataset,
+                batch_sampler=sampler,
+                group=group,
+                position=position,
+                persistent_workers=self.transport.num_workers > 0,
+                **self.transport.options(),
+            )
         workers, indexed = max(1, self.transport.num_workers), self.catalog.index_files
         shards = stream_shards(utterances, world * workers, indexed) if scanned else []
         batches = None
         if training:
-            batches = self.batches_per_epoch or stream_batches(shards, indexed, budget, self.shuffle_buffer, self.seed,
-                                                               workers, splits)
+            batches = self.batches_per_epoch or stream_batches(
+                shards, indexed, budget, self.shuffle_buffer, self.seed, workers, splits
+            )
             if longest is None:  # the longest utterance training keeps, by its limits
-                longest = min((s for s in (self.checks.max_duration, budget.max_batch_seconds) if s is not None),
-                              default=None)
-        dataset = StreamDataset([loc for split in splits for loc in self.source.locations(split)], self.checks,
-                                on_error, *budget, self.shuffle_buffer, self.seed, rank, world, batches,
-                                stream_regions(shards, indexed, rank, workers), counted=scanned,
-                                slots=self.transport.slots(slot_samples(self.checks, budget, longest)))
+                longest = min(
+                    (s for s in (self.checks.max_duration, budget.max_batch_seconds) if s is not None), default=None
+                )
+        dataset = StreamDataset(
+            [loc for split in splits for loc in self.source.locations(split)],
+            self.checks,
+            on_error,
+            *budget,
+            self.shuffle_buffer,
+            self.seed,
+            rank,
+            world,
+            batches,
+            stream_regions(shards, indexed, rank, workers),
+            counted=scanned,
+            slots=self.transport.slots(slot_samples(self.checks, budget, longest)),
+        )
         return SpeechLoader(dataset, batch_size=None, position=position, **self.transport.options())
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
@@ -173,8 +205,11 @@ class SpeechDataModule(L.LightningDataModule):
         skipped = batch.get("skipped") or []
         splits = []
         if skipped:
-            splits = self.train_splits if stage == "train" else [
-                (self.test_splits if stage == "test" else self.val_splits)[dataloader_idx]]
+            splits = (
+                self.train_splits
+                if stage == "train"
+                else [(self.test_splits if stage == "test" else self.val_splits)[dataloader_idx]]
+            )
         self.skips.decoded(stage, epoch, splits, skipped)
         return batch
 

@@ -39,12 +39,24 @@ def model_inputs(batch: dict) -> dict:
     count = lengths.clamp(min=1)[:, None].float()
     centered = (audio - audio.sum(1, keepdim=True) / count) * mask
     variance = centered.square().sum(1, keepdim=True) / count
-    return {**batch, "input_values": centered * torch.rsqrt(variance + 1e-7), "attention_mask": mask,
-            "lengths": lengths, "labels": to_device(labels), "label_lengths": to_device(label_lengths)}
+    return {
+        **batch,
+        "input_values": centered * torch.rsqrt(variance + 1e-7),
+        "attention_mask": mask,
+        "lengths": lengths,
+        "labels": to_device(labels),
+        "label_lengths": to_device(label_lengths),
+    }
 
 
-def decode_batch(checks: Checks, records: Sequence[tuple[Utterance, str | BinaryIO]], on_error: str,
-                 slots: SharedSlots | None, iteration: int, skipped: Sequence[tuple[str, str]] = ()) -> dict:
+def decode_batch(
+    checks: Checks,
+    records: Sequence[tuple[Utterance, str | BinaryIO]],
+    on_error: str,
+    slots: SharedSlots | None,
+    iteration: int,
+    skipped: Sequence[tuple[str, str]] = (),
+) -> dict:
     """:meth:`Checks.batch`, into a shared slot where a DataLoader worker has one, for a batch of loader
     iteration ``iteration``."""
     if slots is None:
@@ -62,8 +74,14 @@ class SpeechDataset(Dataset):
     :class:`~asr.data.loaders.SpeechLoader` hands its workers in tasks; in DataLoader workers decoded into
     ``slots`` where given (:mod:`asr.data.transfer`)."""
 
-    def __init__(self, source: Source, utterances: Sequence[Utterance], checks: Checks, on_error: str = "skip",
-                 slots: SharedSlots | None = None) -> None:
+    def __init__(
+        self,
+        source: Source,
+        utterances: Sequence[Utterance],
+        checks: Checks,
+        on_error: str = "skip",
+        slots: SharedSlots | None = None,
+    ) -> None:
         self.source = source
         self.utterances = list(utterances)
         self.checks = checks
@@ -86,5 +104,6 @@ class SpeechDataset(Dataset):
     def batch(self, indices: Sequence[int], iteration: int = 0) -> dict:
         """The utterances at ``indices`` as a batch of loader iteration ``iteration``."""
         utterances = [self.utterances[i] for i in indices]
-        return decode_batch(self.checks, [(u, self.source.open(u)) for u in utterances], self.on_error, self.slots,
-                            iteration)
+        return decode_batch(
+            self.checks, [(u, self.source.open(u)) for u in utterances], self.on_error, self.slots, iteration
+        )

@@ -42,7 +42,14 @@ class DemoCorpusConfig:
     max_words: int = 8
     # (eSpeak language, voice variant): each pair is one speaker.
     train_voices: tuple[str, ...] = (
-        "en-us+m1", "en-us+f2", "en+m3", "en+f4", "en-gb-scotland+m2", "en-029+f1", "en-us-nyc+m7", "en-gb-x-rp+f3",
+        "en-us+m1",
+        "en-us+f2",
+        "en+m3",
+        "en+f4",
+        "en-gb-scotland+m2",
+        "en-029+f1",
+        "en-us-nyc+m7",
+        "en-gb-x-rp+f3",
     )
     heldout_voices: tuple[str, ...] = ("en-us+m4", "en-gb-x-rp+f5")
     words_per_minute: tuple[int, int] = (170, 220)
@@ -162,8 +169,9 @@ def _synthesize(batch: tuple[list[_Utterance], int]) -> None:
         wave = espeak.speak(utt.text, utt.voice, utt.wpm, utt.pitch, word_gap)
         wave = resample(torch.from_numpy(wave)).numpy()
         rng = np.random.default_rng(utt.noise_seed)
-        wave = np.concatenate([np.zeros(rng.integers(800, 2400), np.float32), wave,
-                               np.zeros(rng.integers(800, 2400), np.float32)])
+        wave = np.concatenate(
+            [np.zeros(rng.integers(800, 2400), np.float32), wave, np.zeros(rng.integers(800, 2400), np.float32)]
+        )
         power = float(np.mean(wave**2)) + 1e-10
         wave = wave + rng.standard_normal(wave.shape).astype(np.float32) * np.sqrt(power / 10 ** (utt.snr_db / 10))
         wave = 0.9 * wave / max(1e-6, float(np.abs(wave).max()))

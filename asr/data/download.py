@@ -71,29 +71,31 @@ def fetch(url: str, target: Path, expected_md5: str) -> Path:
                         out.write(block)
                         progress.advance(task, len(block))
             except (OSError, http.client.HTTPException) as err:  # a reset, timed-out or cut chunked transfer
-                raise RuntimeError(f"{url}: download interrupted ({err}); {partial} is kept, run again to "
-                                   "resume") from err
+                raise RuntimeError(
+                    f"{url}: download interrupted ({err}); {partial} is kept, run again to resume"
+                ) from err
         size = partial.stat().st_size
         if size < total:  # the server closed the connection early, which reads as the end of the data
-            raise RuntimeError(f"{url}: the connection ended after {size} of {total} bytes; {partial} is kept, "
-                               "run again to resume")
+            raise RuntimeError(
+                f"{url}: the connection ended after {size} of {total} bytes; {partial} is kept, run again to resume"
+            )
     actual = md5sum(partial)
     if actual != expected_md5 and not complete:
         # Without a Content-Length an early close looks like the end of the data. The next run asks for the
         # rest: a server with nothing more answers 416, and the part file is then known to be complete.
-        raise RuntimeError(f"{url}: MD5 {actual} after {partial.stat().st_size} bytes does not match the published "
-                           f"{expected_md5}, and the server sent no length, so the transfer may have been cut "
-                           f"short; {partial} is kept, run again to resume")
+        raise RuntimeError(
+            f"{url}: MD5 {actual} after {partial.stat().st_size} bytes does not match the published "
+            f"{expected_md5}, and the server sent no length, so the transfer may have been cut "
+            f"short; {partial} is kept, run again to resume"
+        )
     if actual != expected_md5:
         partial.unlink()
-        raise RuntimeError(
-            f"{url}: MD5 {actual} does not match the published {expected_md5}; removed, run again")
+        raise RuntimeError(f"{url}: MD5 {actual} does not match the published {expected_md5}; removed, run again")
     partial.rename(target)
     return target
 
 
-def download_split(split: str, root: str | Path, base_url: str = OPENSLR_URL,
-                   md5: dict[str, str] = MD5) -> Path:
+def download_split(split: str, root: str | Path, base_url: str = OPENSLR_URL, md5: dict[str, str] = MD5) -> Path:
     """Fetch and extract one split into ``root/LibriSpeech/<split>``; the archive is kept in ``root``."""
     if split not in md5:
         raise ValueError(f"unknown LibriSpeech split {split!r}; known: {', '.join(md5)}")

@@ -149,8 +149,10 @@ def scan_directory(directory: str | Path, workers: int = 1) -> tuple[list[Uttera
         trans_files = sorted(chapter.glob("*.trans.txt"))
         trans_file = str(trans_files[0]) if trans_files else f"{chapter}/*.trans.txt"
         transcripts = {k: v for f in trans_files for k, v in parse_transcripts(f.read_text()).items()}
-        problems += [Problem("transcript without audio", f"{trans_file}:{utt_id}", f"{utt_id}.flac is missing")
-                     for utt_id in sorted(transcripts.keys() - audio.keys())]
+        problems += [
+            Problem("transcript without audio", f"{trans_file}:{utt_id}", f"{utt_id}.flac is missing")
+            for utt_id in sorted(transcripts.keys() - audio.keys())
+        ]
         for utt_id, path in sorted(audio.items()):
             text = transcript_of(utt_id, path, transcripts, trans_file)
             if isinstance(text, Problem):

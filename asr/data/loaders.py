@@ -29,15 +29,24 @@ class SpeechLoader(DataLoader):
     passes start where ``position`` says (epoch, batches to skip): Lightning tells the epoch only to plain
     samplers, and a resumed run must skip the batches it has already trained on."""
 
-    def __init__(self, dataset: Dataset, *, batch_sampler: Sampler | None = None, group: int = 1,
-                 position: Callable[[], tuple[int, int]] | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        batch_sampler: Sampler | None = None,
+        group: int = 1,
+        position: Callable[[], tuple[int, int]] | None = None,
+        **kwargs,
+    ) -> None:
         self.slots: SharedSlots | None = getattr(dataset, "slots", None)
         self.resumable = dataset if batch_sampler is None else batch_sampler
         if batch_sampler is not None:
             batch_sampler = Tasks(batch_sampler, self.slots, group)
         elif self.slots is not None and (not isinstance(dataset, IterableDataset) or kwargs.get("persistent_workers")):
-            raise ValueError("shared batch slots need each batch's loader iteration: from a batch sampler, or from "
-                             "workers started anew for each iteration (an iterable dataset without persistent_workers)")
+            raise ValueError(
+                "shared batch slots need each batch's loader iteration: from a batch sampler, or from "
+                "workers started anew for each iteration (an iterable dataset without persistent_workers)"
+            )
         super().__init__(dataset, batch_sampler=batch_sampler, collate_fn=as_is, **kwargs)
         self.position = position
 
@@ -105,8 +114,12 @@ class WorkerTransport:
             return None
         size, free = self._slot_bytes(samples, group), shared_memory_free()
         if free is not None and size > free / 2:
-            log.warning("batches go from DataLoader workers the usual way: their shared slots (%.1f MB) would take "
-                        "over half of the %.1f MB free in /dev/shm", size / 1e6, free / 1e6)
+            log.warning(
+                "batches go from DataLoader workers the usual way: their shared slots (%.1f MB) would take "
+                "over half of the %.1f MB free in /dev/shm",
+                size / 1e6,
+                free / 1e6,
+            )
             return None
         return SharedSlots(self.num_workers, self._slots_per_worker(group), samples)
 

@@ -46,14 +46,24 @@ def _read(path: Path) -> Manifest | None:
     index_file = index_file_of(path) if data.get("indexed") else None
     if data.get("version") != VERSION or (index_file is not None and not index_file.is_file()):
         return None
-    return Manifest(data["source"], data["fingerprint"], [Utterance(**u) for u in data["utterances"]],
-                    [Problem(*p) for p in data["problems"]], None if index_file is None else str(index_file))
+    return Manifest(
+        data["source"],
+        data["fingerprint"],
+        [Utterance(**u) for u in data["utterances"]],
+        [Problem(*p) for p in data["problems"]],
+        None if index_file is None else str(index_file),
+    )
 
 
 def _write(manifest: Manifest, path: Path) -> None:
-    data = {"version": VERSION, "source": manifest.source, "fingerprint": manifest.fingerprint,
-            "indexed": manifest.index_file is not None, "problems": [list(p) for p in manifest.problems],
-            "utterances": [asdict(u) for u in manifest.utterances]}
+    data = {
+        "version": VERSION,
+        "source": manifest.source,
+        "fingerprint": manifest.fingerprint,
+        "indexed": manifest.index_file is not None,
+        "problems": [list(p) for p in manifest.problems],
+        "utterances": [asdict(u) for u in manifest.utterances],
+    }
     with replaced_atomically(path) as partial:
         partial.write_text(json.dumps(data))
 
@@ -73,7 +83,13 @@ def load_manifest(source: Source, location: str, path: str | Path, verify: bool 
     manifest.fingerprint = current
     _write(manifest, path)
     hours = sum(u.duration for u in manifest.utterances) / 3600
-    log.info("Scanned %s in %.1f s: %d utterances, %.2f h, problems: %s (manifest %s)", location,
-             time.perf_counter() - start, len(manifest.utterances), hours,
-             dict(Counter(p.reason for p in manifest.problems)) or "none", path)
+    log.info(
+        "Scanned %s in %.1f s: %d utterances, %.2f h, problems: %s (manifest %s)",
+        location,
+        time.perf_counter() - start,
+        len(manifest.utterances),
+        hours,
+        dict(Counter(p.reason for p in manifest.problems)) or "none",
+        path,
+    )
     return manifest

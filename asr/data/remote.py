@@ -54,8 +54,12 @@ class RangedHttpFile(io.RawIOBase):
         sent, _, size = response.headers.get("Content-Range", "").removeprefix("bytes ").partition("/")
         problem = None
         if response.status != 206 or not size.isdigit():
-            problem = ("the server sent the whole file for a range: it changed since it was opened, or no longer "
-                       "serves byte ranges" if self._etag else "the server does not serve byte ranges")
+            problem = (
+                "the server sent the whole file for a range: it changed since it was opened, or no longer "
+                "serves byte ranges"
+                if self._etag
+                else "the server does not serve byte ranges"
+            )
         elif not sent.startswith(f"{start}-"):
             problem = f"asked for bytes from {start}, the server sent bytes {sent}"
         elif self.size >= 0 and int(size) != self.size:

@@ -59,7 +59,13 @@ class SkipLog:
             return
         stage, epoch = self._stage
         examples = "; ".join(f"{reason}: {where}" for reason, where in self._examples.items())
-        log.warning("%s, epoch %d: skipped %d utterances while decoding: %s (e.g. %s)", stage, epoch,
-                    sum(self._decoded.values()), dict(self._decoded), examples)
+        log.warning(
+            "%s, epoch %d: skipped %d utterances while decoding: %s (e.g. %s)",
+            stage,
+            epoch,
+            sum(self._decoded.values()),
+            dict(self._decoded),
+            examples,
+        )
         self._decoded.clear()
         self._examples.clear()

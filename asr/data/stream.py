@@ -46,8 +46,15 @@ def region_from_a_start(region: list[Utterance], seed: int, epoch: int, pass_: i
     return [*region[start:], *region[:start]]
 
 
-def stream_shard_count(utterances: Sequence[Utterance], shard: int, indexed: Collection[str], batch_size: int | None,
-                       max_batch_seconds: float | None, buffer_size: int, seed: int) -> int:
+def stream_shard_count(
+    utterances: Sequence[Utterance],
+    shard: int,
+    indexed: Collection[str],
+    batch_size: int | None,
+    max_batch_seconds: float | None,
+    buffer_size: int,
+    seed: int,
+) -> int:
     """How many batches training stream shard ``shard`` yields from its ``utterances`` (of archives read by
     region where in ``indexed``) in the first pass of epoch 0."""
     ordered: list[Utterance] = []
@@ -58,20 +65,32 @@ def stream_shard_count(utterances: Sequence[Utterance], shard: int, indexed: Col
     return sum(1 for _ in bucket_stream(ordered, _duration, batch_size, max_batch_seconds, buffer_size, rng))
 
 
-def stream_regions(shards: Sequence[Sequence[Utterance]], index_files: Mapping[str, str], rank: int,
-                   workers: int) -> dict[str, IndexedRegions]:
+def stream_regions(
+    shards: Sequence[Sequence[Utterance]], index_files: Mapping[str, str], rank: int, workers: int
+) -> dict[str, IndexedRegions]:
     """This rank's stream shards' utterances in each indexed archive (the others' are left out)."""
     mine = range(rank * workers, (rank + 1) * workers) if shards else range(0)
-    return {location: IndexedRegions(index_file, {s: [u for u in shards[s] if u.path == location] for s in mine})
-            for location, index_file in index_files.items()}
+    return {
+        location: IndexedRegions(index_file, {s: [u for u in shards[s] if u.path == location] for s in mine})
+        for location, index_file in index_files.items()
+    }
 
 
-def stream_batches(shards: Sequence[Sequence[Utterance]], index_files: Collection[str], budget: Budget,
-                   buffer_size: int, seed: int, workers: int, splits: Sequence[str]) -> int:
+def stream_batches(
+    shards: Sequence[Sequence[Utterance]],
+    index_files: Collection[str],
+    budget: Budget,
+    buffer_size: int,
+    seed: int,
+    workers: int,
+    splits: Sequence[str],
+) -> int:
     """Training batches per rank and epoch of a stream of ``splits``: what its leanest (rank, worker) shard yields,
     from the manifest, times the workers; so in epoch 0 no worker re-reads its shard."""
-    leanest = min(stream_shard_count(utterances, shard, index_files, *budget, buffer_size, seed)
-                  for shard, utterances in enumerate(shards))
+    leanest = min(
+        stream_shard_count(utterances, shard, index_files, *budget, buffer_size, seed)
+        for shard, utterances in enumerate(shards)
+    )
     if leanest == 0:
         raise DataError(f"{list(splits)}: too few usable utterances for {len(shards)} stream shards")
     return leanest * workers
@@ -103,11 +122,22 @@ class StreamDataset(IterableDataset):
     In DataLoader workers, batches are decoded into ``slots`` where given (:mod:`asr.data.transfer`).
     """
 
-    def __init__(self, locations: Sequence[str], checks: Checks, on_error: str = "skip",
-                 batch_size: int | None = None, max_batch_seconds: float | None = None,
-                 buffer_size: int = 1000, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 batches_per_epoch: int | None = None, indexed: Mapping[str, IndexedRegions] | None = None,
-                 counted: bool = False, slots: SharedSlots | None = None) -> None:
+    def __init__(
+        self,
+        locations: Sequence[str],
+        checks: Checks,
+        on_error: str = "skip",
+        batch_size: int | None = None,
+        max_batch_seconds: float | None = None,
+        buffer_size: int = 1000,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        batches_per_epoch: int | None = None,
+        indexed: Mapping[str, IndexedRegions] | None = None,
+        counted: bool = False,
+        slots: SharedSlots | None = None,
+    ) -> None:
         self.locations = list(locations)
         self.slots = slots
         self.indexed = dict(indexed or {})
@@ -154,12 +184,17 @@ class StreamDataset(IterableDataset):
     def _batches(self, shard: int, shards: int, pass_: int, skipped: list) -> Iterator[list[tuple]]:
         rng = None if self.batches_per_epoch is None else stream_rng(self.seed, self.epoch, pass_, shard)
         records = self._usable(shard, shards, pass_, skipped)
-        return bucket_stream(records, _duration, self.batch_size, self.max_batch_seconds, self.buffer_size,
-                             rng)
+        return bucket_stream(records, _duration, self.batch_size, self.max_batch_seconds, self.buffer_size, rng)
 
     def _collate(self, batch: list[tuple[Utterance, bytes]], skipped: list) -> dict:
-        out = decode_batch(self.checks, [(utt, io.BytesIO(data)) for utt, data in batch], self.on_error,
-                           self.slots, 0 if self.slots is None else self.slots.iteration, skipped)
+        out = decode_batch(
+            self.checks,
+            [(utt, io.BytesIO(data)) for utt, data in batch],
+            self.on_error,
+            self.slots,
+            0 if self.slots is None else self.slots.iteration,
+            skipped,
+        )
         skipped.clear()
         return out
 

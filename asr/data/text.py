@@ -47,9 +47,7 @@ class CharTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Encode a normalised transcript; spaces become the word delimiter."""
-        return [
-            self.delimiter_id if c == " " else self.token_to_id.get(c, self.unk_id) for c in text
-        ]
+        return [self.delimiter_id if c == " " else self.token_to_id.get(c, self.unk_id) for c in text]
 
     def decode(self, ids: list[int]) -> str:
         specials = {self.pad_id, self.token_to_id[BOS], self.token_to_id[EOS]}

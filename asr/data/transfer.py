@@ -85,8 +85,10 @@ class SharedSlots:
     def _locked(self) -> Iterator[None]:
         # Held for microseconds: one that is not released was held by a process killed meanwhile.
         if not self.lock.acquire(timeout=LOCK_WAIT):
-            raise RuntimeError(f"the lock of the DataLoader's shared batch slots was not released in {LOCK_WAIT} s: "
-                               "a process was killed while it held it")
+            raise RuntimeError(
+                f"the lock of the DataLoader's shared batch slots was not released in {LOCK_WAIT} s: "
+                "a process was killed while it held it"
+            )
         try:
             yield
         finally:
@@ -153,8 +155,9 @@ class SharedSlots:
         with self._locked():
             if self.writes.numpy()[ref.worker, ref.slot] != ref.write:
                 # Only another iteration's batch takes a slot whose batch is unread: two iterations at once.
-                raise RuntimeError("a DataLoader batch was overwritten in shared memory: iterate over one loader "
-                                   "at a time")
+                raise RuntimeError(
+                    "a DataLoader batch was overwritten in shared memory: iterate over one loader at a time"
+                )
             marks[ref.worker, ref.slot] = 0
         return {**batch, "input_values": pcm}
 

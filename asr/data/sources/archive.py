@@ -56,8 +56,11 @@ class ArchiveSource(Source):
         """One pass over the archive; its gzip index is written to ``index_to`` on the way where it can be read in
         parts (a local file, or a URL whose server serves byte ranges)."""
         if is_url(location) and not serves_ranges(location):
-            log.warning("%s: the server does not serve byte ranges, so every stream shard will read the whole "
-                        "archive; download it first (python -m asr.data download) to read it in parts", location)
+            log.warning(
+                "%s: the server does not serve byte ranges, so every stream shard will read the whole "
+                "archive; download it first (python -m asr.data download) to read it in parts",
+                location,
+            )
             index_to = None
         utterances, problems = [], []
         with progress_bar() as progress:
@@ -74,13 +77,18 @@ class ArchiveSource(Source):
     def missing(self, splits: Sequence[str]) -> str | None:
         if self.url:
             return None  # checked when streamed: no network access here
-        absent = [self.location(part) for part in dict.fromkeys(p for split in splits for p in self.parts(split))
-                  if not Path(self.location(part)).is_file()]
+        absent = [
+            self.location(part)
+            for part in dict.fromkeys(p for split in splits for p in self.parts(split))
+            if not Path(self.location(part)).is_file()
+        ]
         if not absent:
             return None
-        return (f"LibriSpeech archives are missing at data.root={self.root}: no {', '.join(absent)}. Download them "
-                f"with `python -m asr.data download data.root={self.root}` (which keeps them there), or stream them "
-                "with data.source.url=https://www.openslr.org/resources/12.")
+        return (
+            f"LibriSpeech archives are missing at data.root={self.root}: no {', '.join(absent)}. Download them "
+            f"with `python -m asr.data download data.root={self.root}` (which keeps them there), or stream them "
+            "with data.source.url=https://www.openslr.org/resources/12."
+        )
 
     def reading(self, manifest: Manifest) -> str:
         if manifest.index_file is not None:

@@ -40,16 +40,21 @@ class FolderSource(Source):
         return Manifest(location, "", *scan_directory(location, self.scan_workers))
 
     def missing(self, splits: Sequence[str]) -> str | None:
-        absent = [part for part in dict.fromkeys(p for split in splits for p in self.parts(split))
-                  if not split_dir(self.root, part).is_dir()]
+        absent = [
+            part
+            for part in dict.fromkeys(p for split in splits for p in self.parts(split))
+            if not split_dir(self.root, part).is_dir()
+        ]
         if not absent:
             return None
         root = Path(self.root).expanduser()
         archives = [f"{root / part}.tar.gz" for part in absent if (root / f"{part}.tar.gz").is_file()]
         if archives:
-            return (f"LibriSpeech {', '.join(absent)} is not extracted in {split_dir(self.root, '')}, but "
-                    f"{', '.join(archives)} exists: read the archives as they are with data/source=archive, or "
-                    f"extract them with `python -m asr.data download data.root={self.root}`.")
+            return (
+                f"LibriSpeech {', '.join(absent)} is not extracted in {split_dir(self.root, '')}, but "
+                f"{', '.join(archives)} exists: read the archives as they are with data/source=archive, or "
+                f"extract them with `python -m asr.data download data.root={self.root}`."
+            )
         return (
             f"LibriSpeech is missing at data.root={self.root}: no {', '.join(absent)} in "
             f"{split_dir(self.root, '').resolve()}. Download it with `python -m asr.data download data.root=DIR`, "

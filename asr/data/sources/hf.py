@@ -75,8 +75,10 @@ def audio(split, utt: Utterance) -> io.BytesIO | str:
     manifest that no longer matches its split would otherwise pair audio with another utterance's transcript."""
     row = split[utt.index]
     if row["id"] != utt.id:
-        raise DataError(f"{utt.where}: row {utt.index} of the split is {row['id']!r}, not this utterance; the "
-                        "manifest does not match the dataset, delete it to scan the split again")
+        raise DataError(
+            f"{utt.where}: row {utt.index} of the split is {row['id']!r}, not this utterance; the "
+            "manifest does not match the dataset, delete it to scan the split again"
+        )
     value = row["audio"]
     source = _source(value)
     if source is None:
@@ -108,8 +110,18 @@ def scan(location: str) -> tuple[list[Utterance], list[Problem]]:
                 except (sf.LibsndfileError, RuntimeError) as err:
                     problems.append(Problem("unreadable audio", where, f"cannot read the audio header: {err}"))
                     continue
-                utterances.append(Utterance(utt_id, location, text, str(speaker), info.frames, info.samplerate,
-                                            member=utt_id, index=start + k))
+                utterances.append(
+                    Utterance(
+                        utt_id,
+                        location,
+                        text,
+                        str(speaker),
+                        info.frames,
+                        info.samplerate,
+                        member=utt_id,
+                        index=start + k,
+                    )
+                )
             progress.advance(task, len(rows["id"]))
     return utterances, problems
 
@@ -144,8 +156,10 @@ class HfSource(Source):
         if importlib.util.find_spec("datasets") is None:
             return f'data.source.dataset={self.dataset} needs the datasets library: pip install -e ".[hf]".'
         if _is_path(self.dataset) and not Path(self.dataset).expanduser().is_dir():
-            return (f"data.source.dataset={self.dataset} is not a folder (a local copy of openslr/librispeech_asr, "
-                    "or its hub id).")
+            return (
+                f"data.source.dataset={self.dataset} is not a folder (a local copy of openslr/librispeech_asr, "
+                "or its hub id)."
+            )
         return None
 
 
