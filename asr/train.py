@@ -12,13 +12,18 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from asr.builders import build_datamodule, build_model, build_tokenizer, build_trainer
+from asr.callbacks import FinalCheckpoint
 from asr.preflight import check_inputs
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit on the train splits, test on the test splits, and return (and save) the final metrics."""
+    """Fit on the train splits, test the final weights on the test splits, and return (and save) the metrics.
+
+    ``metrics.json`` names the checkpoint of the tested weights (``checkpoints/final.ckpt``, :class:`FinalCheckpoint`):
+    ``python -m asr.evaluate ckpt_path=...`` on it gives the same test metrics.
+    """
     check_inputs(cfg)
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = build_tokenizer()
@@ -31,10 +36,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.test(model, datamodule=datamodule)
     metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
     metrics["data/skipped"] = float(sum(datamodule.skipped.values()))
+    final = next((c.path for c in trainer.callbacks if isinstance(c, FinalCheckpoint)), None)
 
     path = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
-    path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
-    log.info("Final metrics (%s):\n%s", path, json.dumps(metrics, indent=1, sort_keys=True))
+    report = json.dumps({**metrics, "checkpoint": None if final is None else str(final)}, indent=1, sort_keys=True)
+    path.write_text(report)
+    log.info("Final metrics (%s):\n%s", path, report)
     print(json.dumps({k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith("test/")}, indent=1))
     return metrics
 

@@ -81,3 +81,24 @@ def test_model_card_config_prints(tmp_path):
         "seed: 42",
     ):
         assert line in result.stdout
+
+
+def test_the_checkpoint_metrics_json_names_reproduces_its_test_metrics(demo_root, tmp_path):
+    """Training stopped mid-epoch by max_steps: the tested weights are on disk, and evaluating them gives the run's
+    test metrics exactly (the ModelCheckpoint of the last validation holds older weights)."""
+    data = ["experiment=demo", f"data.root={demo_root}", "data/source=folder", "trainer.max_time=null"]
+    result = run_train(*data, "trainer.max_steps=5", *TINY_MODEL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = metrics_of(tmp_path)
+    checkpoint = metrics["checkpoint"]
+    assert checkpoint.endswith("checkpoints/final.ckpt") and os.path.isfile(checkpoint)
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "asr.evaluate", *data, f"ckpt_path={checkpoint}", "evaluate.progress_bar=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    (path,) = tmp_path.glob("outputs/evaluate/*/*/evaluate.json")
+    report = json.loads(path.read_text())
+    for split in ("test-seen", "test-unseen"):
+        for name in ("wer", "cer", "loss"):
+            assert report["splits"][split][name] == metrics[f"test/{split}/{name}"], (split, name)
