@@ -35,6 +35,7 @@ class SpeechRecognizer(L.LightningModule):
         config: dict | None = None,
         freeze_feature_encoder: bool = True,
         freeze_feature_encoder_after: int | None = None,
+        freeze_encoder_steps: int = 0,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         val_splits: tuple[str, ...] = ("dev",),
         test_splits: tuple[str, ...] = ("test",),
@@ -47,7 +48,9 @@ class SpeechRecognizer(L.LightningModule):
         compile_options: dict | None = None,
     ) -> None:
         """``optimizer`` and ``scheduler`` are factories (``_partial_``), None to evaluate only; ``decoder`` turns
-        logits into text for the WER (greedy when not given). ``sample_rate`` is what the encoder takes.
+        logits into text for the WER (greedy when not given). ``sample_rate`` is what the encoder takes. For the first
+        ``freeze_encoder_steps`` steps only the CTC head learns (fairseq's ``freeze_finetune_updates``): the encoder
+        runs without gradients, so DDP needs ``trainer.strategy=ddp_find_unused_parameters_true``.
 
         The speed switches (see asr/speedups.py; none changes what is computed, up to the random masks):
 
@@ -80,6 +83,8 @@ class SpeechRecognizer(L.LightningModule):
             speedups.install_device_specaugment(self.backbone)
         self.compiled: list[str] = []
         self._loss_sum: torch.Tensor | None = None
+        self._step_tokens: torch.Tensor | None = None  # target tokens of the optimizer step so far, on this rank
+        self._normaliser: torch.Tensor | None = None  # of the step's losses (_step_normaliser)
         self._loss_steps = 0
         self.feature_encoder_frozen = False
         if freeze_feature_encoder:
@@ -146,26 +151,34 @@ class SpeechRecognizer(L.LightningModule):
             )
         if self.packed_encoder is None:
             with speedups.onednn(self.hparams.onednn_conv):
-                return self.backbone(input_values, attention_mask=attention_mask, **kwargs).logits, lengths
+                return self._logits(input_values, attention_mask, kwargs), lengths
         if packing is None:
             packing = self._packing(attention_mask.sum(-1), attention_mask.shape[1])
         self.packed_encoder.asr_packing = packing.to(input_values.device, non_blocking=True)
         try:
             with speedups.onednn(self.hparams.onednn_conv):
-                logits = self.backbone(input_values, attention_mask=attention_mask, **kwargs).logits
+                logits = self._logits(input_values, attention_mask, kwargs)
         finally:
             self.packed_encoder.asr_packing = None
         return logits, lengths
+
+    def _logits(self, input_values: torch.Tensor, attention_mask: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        backbone = self.backbone
+        if not (self.training and self.global_step < self.hparams.freeze_encoder_steps):
+            return backbone(input_values, attention_mask=attention_mask, **kwargs).logits
+        with torch.no_grad():  # the encoder is frozen: only the CTC head learns
+            hidden = backbone.base_model(input_values, attention_mask=attention_mask, **kwargs)[0]
+        return backbone.lm_head(backbone.dropout(hidden))
 
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
         with speedups.onednn(self.hparams.onednn_conv):
             super().backward(loss, *args, **kwargs)
 
-    def ctc_loss(self, logits: torch.Tensor, lengths: torch.Tensor, batch: dict) -> torch.Tensor:
-        """CTC summed over the batch, divided by its number of target tokens."""
+    def ctc_sum(self, logits: torch.Tensor, lengths: torch.Tensor, batch: dict) -> torch.Tensor:
+        """CTC summed over the batch."""
         log_probs = logits.float().log_softmax(-1).transpose(0, 1)
         targets = batch["labels"].clamp(min=0)
-        loss = F.ctc_loss(
+        return F.ctc_loss(
             log_probs,
             targets,
             lengths,
@@ -174,13 +187,22 @@ class SpeechRecognizer(L.LightningModule):
             reduction="sum",
             zero_infinity=True,
         )
-        return loss / batch["label_lengths"].sum()
+
+    def ctc_loss(self, logits: torch.Tensor, lengths: torch.Tensor, batch: dict) -> torch.Tensor:
+        """CTC summed over the batch, divided by its number of target tokens."""
+        return self.ctc_sum(logits, lengths, batch) / batch["label_lengths"].sum()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """CTC summed over the batch, divided by a normaliser shared by the optimizer step's micro-batches and ranks
+        (:meth:`_step_normaliser`): :meth:`optimizer_step` then makes the gradient that of the step's whole CTC sum
+        over its whole token count, however the batch was split over devices and accumulated micro-batches."""
         if not batch["ids"]:  # all failed to decode (data.on_error=skip): a zero step keeps DDP ranks in step
+            self._step_normaliser(torch.zeros((), dtype=torch.long, device=self.device))
             return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         logits, lengths = self(batch["input_values"], batch["attention_mask"], batch.get("packing"))
-        loss = self.ctc_loss(logits, lengths, batch)
+        summed = self.ctc_sum(logits, lengths, batch)
+        tokens = batch["label_lengths"].sum()
+        loss = summed.detach() / tokens  # what is logged: this batch's loss per token
         batch_size = len(batch["ids"])
         if self.hparams.sync_free_logging:
             self._log_train_loss_every_n_steps(loss, batch_size)
@@ -197,7 +219,39 @@ class SpeechRecognizer(L.LightningModule):
             on_epoch=True,
             reduce_fx="sum",
         )
-        return loss
+        return summed / self._step_normaliser(tokens)
+
+    def _step_normaliser(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Count the target tokens of the optimizer step; return the step's normaliser: the first micro-batch's
+        tokens over all ranks (the same on every rank, and of the order of the step's count, which keeps the loss
+        near 1 for fp16 scaling). One collective of a scalar per step, none without DDP."""
+        self._step_tokens = tokens if self._step_tokens is None else self._step_tokens + tokens
+        if self._normaliser is None:
+            self._normaliser = self._sum_over_ranks(tokens.float()).clamp(min=1)
+        return self._normaliser
+
+    def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return value
+        return self.trainer.strategy.reduce(value, reduce_op="sum")
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """After the step's last backward (DDP has averaged the gradients over ranks, and Lightning has divided each
+        micro-batch's loss by ``accumulate_grad_batches``), rescale the gradients to those of the step's CTC sum over
+        its tokens on all ranks. Before the gradient scaler, clipping and any callback see them."""
+
+        def closure():
+            result = optimizer_closure()
+            if self._step_tokens is not None:
+                trainer = self.trainer
+                total = self._sum_over_ranks(self._step_tokens.float()).clamp(min=1)
+                factor = trainer.world_size * trainer.accumulate_grad_batches * self._normaliser / total
+                grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+                torch._foreach_mul_(grads, factor)
+            self._step_tokens = self._normaliser = None
+            return result
+
+        optimizer.step(closure=closure)
 
     def _log_train_loss_every_n_steps(self, loss: torch.Tensor, batch_size: int) -> None:
         """Log the mean loss since the last logger write, every ``trainer.log_every_n_steps`` steps.
@@ -208,8 +262,9 @@ class SpeechRecognizer(L.LightningModule):
         loss = loss.detach().float()
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._loss_steps += 1
-        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
-        written = (self.global_step + 1) % max(every, 1) == 0  # Lightning writes to the logger at this step
+        # Lightning writes to the logger at this step. Its count is not global_step: after a resume it is one ahead.
+        trainer = self._trainer
+        written = trainer is None or bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
         if written or self.global_step == 0:  # the first step too, for the progress bar
             mean = (self._loss_sum / self._loss_steps).cpu()
             if written:
@@ -235,10 +290,11 @@ class SpeechRecognizer(L.LightningModule):
         # The full backbone config, so that a checkpoint can be rebuilt without the hub (asr.evaluate).
         checkpoint["backbone_config"] = self.backbone.config.to_diff_dict()
 
-    def _evaluate(self, stage: str, batch: dict, batch_idx: int, dataloader_idx: int) -> None:
+    def _evaluate(self, stage: str, batch: dict, batch_idx: int, dataloader_idx: int) -> list[str]:
+        """Updates the split's metrics; returns the batch's transcripts."""
         split = self.splits[stage][dataloader_idx]
         if not batch["ids"]:  # all failed to decode (data.on_error=skip); the DataModule counted them
-            return
+            return []
         logits, lengths = self(batch["input_values"], batch["attention_mask"], batch.get("packing"))
         loss = self.ctc_loss(logits, lengths, batch)
         self.metrics[f"{stage}_{split}_loss"].update(loss, weight=len(batch["ids"]))
@@ -247,6 +303,7 @@ class SpeechRecognizer(L.LightningModule):
         self.metrics[f"{stage}_{split}_cer"].update(hypotheses, batch["texts"])
         if batch_idx == 0:
             log.info("%s/%s example\n  ref: %s\n  hyp: %s", stage, split, batch["texts"][0], hypotheses[0])
+        return hypotheses
 
     def _log_metrics(self, stage: str) -> None:
         """WER, CER and loss per split, and the splits' mean error rates. Every rank computes every metric, whose
@@ -263,11 +320,13 @@ class SpeechRecognizer(L.LightningModule):
             if name != "loss":
                 self.log(f"{stage}/{name}", torch.stack(values).mean(), prog_bar=True)
 
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate("val", batch, batch_idx, dataloader_idx)
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[str]:
+        """The batch's transcripts, which callbacks get as ``outputs`` (asr.callbacks.ValidationSamples)."""
+        return self._evaluate("val", batch, batch_idx, dataloader_idx)
 
-    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate("test", batch, batch_idx, dataloader_idx)
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[str]:
+        """The batch's transcripts, which callbacks get as ``outputs`` (asr.evaluate collects them)."""
+        return self._evaluate("test", batch, batch_idx, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")

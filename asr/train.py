@@ -9,9 +9,11 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from asr.builders import build_datamodule, build_model, build_tokenizer, build_trainer
+from asr import wandb_run
+from asr.builders import build_datamodule, build_logger, build_model, build_tokenizer, build_trainer
 from asr.callbacks import FinalCheckpoint
 from asr.preflight import check_inputs
 
@@ -25,22 +27,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ``python -m asr.evaluate ckpt_path=...`` on it gives the same test metrics.
     """
     check_inputs(cfg)
+    wandb_run.check_credentials(cfg)  # logger=wandb online without credentials: stop now, not at a login prompt
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = build_tokenizer()
     model = build_model(cfg, tokenizer)
     datamodule = build_datamodule(cfg, tokenizer, model.input_facts)
-    trainer = build_trainer(cfg)
+    # W&B: the run's config, group and name, and the run id of the checkpoint resumed from (asr/wandb_run.py).
+    trainer = build_trainer(cfg, logger=build_logger(cfg, **wandb_run.logger_overrides(cfg)))
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    trainer.test(model, datamodule=datamodule)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        trainer.test(model, datamodule=datamodule)
+    except BaseException:
+        wandb_run.finish(trainer, exit_code=1)
+        raise
+    wandb_run.finish(trainer)  # the next point of a sweep in this process starts its own W&B run
     metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
     metrics["data/skipped"] = float(sum(datamodule.skipped.values()))
     final = next((c.path for c in trainer.callbacks if isinstance(c, FinalCheckpoint)), None)
 
     path = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
     report = json.dumps({**metrics, "checkpoint": None if final is None else str(final)}, indent=1, sort_keys=True)
-    path.write_text(report)
+    if trainer.is_global_zero:
+        path.write_text(report)
     log.info("Final metrics (%s):\n%s", path, report)
     print(json.dumps({k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith("test/")}, indent=1))
     return metrics
@@ -48,7 +58,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except SystemExit as stop:
+        # A sweep point that cannot start (asr.preflight, W&B credentials) fails alone: a SystemExit ends the sweep.
+        if isinstance(stop.code, str) and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise RuntimeError(stop.code) from None
+        raise
     return metrics.get(cfg.get("optimized_metric"))
 
 

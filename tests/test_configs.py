@@ -94,11 +94,3 @@ def test_model_card_settings():
     assert list(cfg.data.train_splits) == ["train-clean-100"]
     assert list(cfg.data.val_splits) == ["dev-clean"]
     assert list(cfg.data.test_splits) == ["test-clean", "test-other"]
-
-
-def test_sweep_folders_are_named_after_overrides():
-    from hydra.core.hydra_config import HydraConfig
-
-    cfg = compose_cfg("optimizer.lr=1e-4", "trainer.devices=8")
-    HydraConfig.instance().set_config(cfg)
-    assert cfg.hydra.sweep.subdir == "optimizer.lr=1e-4"

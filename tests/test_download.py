@@ -1,13 +1,18 @@
-"""Download against a local HTTP server (127.0.0.1) serving archives generated here, with Range support."""
+"""Download against a local HTTP server (127.0.0.1) serving archives and LM resources generated here, with Range
+support."""
 
+import gzip
 import hashlib
 import http.server
+import random
 import tarfile
 import threading
 
 import pytest
 
-from asr.data.download import download_split, fetch
+from asr.config import compose
+from asr.data.__main__ import download_lm
+from asr.data.download import LM_ARPA, LM_LEXICON, download_split, fetch
 from asr.data.librispeech import scan_directory, split_dir
 from tests.helpers import write_flac
 
@@ -165,3 +170,36 @@ def test_an_interrupted_extraction_leaves_no_split_behind(server, tmp_path, monk
     utterances, _ = scan_directory(split_dir(root, "dev-clean"))
     assert len(utterances) == 2 and (root / "LibriSpeech" / "SPEAKERS.TXT").exists()
     assert not staging.exists()
+
+
+def test_lm_resources_resume_after_a_cut_are_size_checked_and_spelled(server, tmp_path, capsys):
+    arpa = gzip.compress(random.Random(0).randbytes(5000))
+    pronunciations = b"A  AH0\nA  EY1\nA'S  EY1 Z\nCAF\xc3\x89  K AE0 F EY1\nZOO  Z UW1\n"
+    RangeHandler.files = {f"/{LM_ARPA}": arpa, f"/{LM_LEXICON}": pronunciations}
+    sizes = {LM_ARPA: len(arpa), LM_LEXICON: len(pronunciations)}
+    cfg = compose("train", [f"data.root={tmp_path}"])
+    RangeHandler.cut_after = 100
+    with pytest.raises(RuntimeError, match=rf"ended after 100 of {len(arpa)} bytes.*run again to resume"):
+        download_lm(cfg, base_url=server, sizes=sizes)
+    download_lm(cfg, base_url=server, sizes=sizes)
+    assert RangeHandler.ranges == [None, "bytes=100-", None]
+    assert (tmp_path / "lm" / LM_ARPA).read_bytes() == arpa
+    assert (tmp_path / "lm" / LM_LEXICON).read_bytes() == pronunciations
+    spelled = tmp_path / "lm" / "librispeech-lexicon-letters.txt"
+    assert spelled.read_text().splitlines() == ["A A |", "A'S A ' S |", "ZOO Z O O |"]
+    assert f"{spelled}: 3 words (1 with other characters left out)" in capsys.readouterr().out
+
+    download_lm(cfg, base_url=server, sizes=sizes)  # complete: nothing is fetched again
+    assert len(RangeHandler.ranges) == 3
+    with pytest.raises(SystemExit, match=r"python -m asr\.lm experiment=demo"):
+        download_lm(compose("train", ["experiment=demo"]), base_url=server, sizes=sizes)
+
+
+def test_a_file_of_another_size_than_the_published_one_is_removed(server, tmp_path):
+    RangeHandler.files["/lexicon.txt"] = b"not the published lexicon"
+    target = tmp_path / "lexicon.txt"
+    with pytest.raises(RuntimeError, match=r"size 25 does not match the published size 99; removed"):
+        fetch(f"{server}/lexicon.txt", target, expected_size=99)
+    assert not target.exists() and not target.with_name("lexicon.txt.part").exists()
+    with pytest.raises(ValueError, match="an MD5 sum or a size"):
+        fetch(f"{server}/lexicon.txt", target)

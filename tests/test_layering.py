@@ -9,7 +9,16 @@ import pytest
 import asr
 
 PACKAGE = Path(asr.__file__).parent
-ENTRY_POINTS = {"asr.train", "asr.evaluate", "asr.bench", "asr.data.__main__", "asr.data.bench"}
+ENTRY_POINTS = {
+    "asr.train",
+    "asr.evaluate",
+    "asr.bench",
+    "asr.transcribe",
+    "asr.export",
+    "asr.lm",
+    "asr.data.__main__",
+    "asr.data.bench",
+}
 BENCHMARKS = {"asr.bench", "asr.data.bench"}
 
 

@@ -306,3 +306,15 @@ def test_native_cpu_convolutions_give_the_same_results_and_cover_the_backward(to
     trainer.fit(native, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
     assert flag_in_backward == [False]
     assert torch.backends.mkldnn.enabled  # restored after the step
+
+
+@pytest.mark.parametrize("freeze_encoder_steps", [0, 1])
+def test_only_the_ctc_head_learns_while_the_encoder_is_frozen(tokenizer, freeze_encoder_steps):
+    module = make_module(
+        tokenizer, config=FAST, freeze_feature_encoder=False, freeze_encoder_steps=freeze_encoder_steps
+    ).train()
+    batch = batch_of([torch.rand(8000) * 2 - 1], [tokenizer.encode("HI")])
+    logits, lengths = module(batch["input_values"], batch["attention_mask"])
+    module.ctc_loss(logits, lengths, batch).backward()
+    learning = {name.split(".")[1] for name, p in module.named_parameters() if p.grad is not None}
+    assert learning == ({"lm_head"} if freeze_encoder_steps else {"lm_head", "hubert"})

@@ -94,7 +94,11 @@ def test_the_checkpoint_metrics_json_names_reproduces_its_test_metrics(demo_root
     assert checkpoint.endswith("checkpoints/final.ckpt") and os.path.isfile(checkpoint)
     evaluated = subprocess.run(
         [sys.executable, "-m", "asr.evaluate", *data, f"ckpt_path={checkpoint}", "evaluate.progress_bar=false"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     (path,) = tmp_path.glob("outputs/evaluate/*/*/evaluate.json")

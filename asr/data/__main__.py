@@ -3,6 +3,9 @@
 - ``inspect``: per split, its source, how each part is read, utterances, hours, speakers, duration range,
   character set and skipped items (from the split's manifests, scanned first if needed).
 - ``download``: fetch and extract the OpenSLR archives of the configured splits into ``data.root``.
+- ``download-lm``: fetch LibriSpeech's language-model resources (OpenSLR 11: the 4-gram ARPA and the pronunciation
+  lexicon) into ``data.root/lm``, and write the lexicon of the LM's words spelled in the model's tokens,
+  ``librispeech-lexicon-letters.txt``, for ``decoder=beam_4gram``.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from omegaconf import DictConfig
 
 from asr.builders import build_datamodule
 from asr.config import compose
-from asr.data.download import download_split
+from asr.data.download import LM_LEXICON, LM_SIZES, OPENSLR_LM_URL, download_split, fetch_lm, lexicon_words
 from asr.data.librispeech import parts
 from asr.data.sources.demo import DemoSource
-from asr.data.text import normalize
+from asr.data.text import CharTokenizer, normalize
+from asr.decoding import write_lexicon
 
 
 def inspect(cfg: DictConfig) -> None:
@@ -45,16 +49,31 @@ def inspect(cfg: DictConfig) -> None:
         )
 
 
+def _not_demo(data: DictConfig, hint: str = "") -> None:
+    if isinstance(instantiate(data.source), DemoSource):
+        raise SystemExit(f"data/source=demo is synthesised locally; there is nothing to download{hint}")
+
+
 def download(cfg: DictConfig) -> None:
     data = cfg.data
-    if isinstance(instantiate(data.source), DemoSource):
-        raise SystemExit("data/source=demo is synthesised locally; there is nothing to download")
+    _not_demo(data)
     splits = [*data.train_splits, *data.val_splits, *data.test_splits]
     for part in dict.fromkeys(part for split in splits for part in parts(split)):
         print(download_split(part, data.root))
 
 
-COMMANDS = {"inspect": inspect, "download": download}
+def download_lm(cfg: DictConfig, base_url: str = OPENSLR_LM_URL, sizes: dict[str, int] = LM_SIZES) -> None:
+    _not_demo(cfg.data, " (its LM is built from its transcripts: python -m asr.lm experiment=demo)")
+    fetched = fetch_lm(f"{cfg.data.root}/lm", base_url, sizes)
+    tokenizer, words = CharTokenizer(), lexicon_words(fetched[LM_LEXICON])
+    spelled = [word for word in words if not tokenizer.unknown_characters(word)]
+    lexicon = fetched[LM_LEXICON].with_name("librispeech-lexicon-letters.txt")
+    write_lexicon(spelled, lexicon)
+    print(*fetched.values(), f"{lexicon}: {len(spelled)} words", sep="\n", end="")
+    print(f" ({len(words) - len(spelled)} with other characters left out)" if len(spelled) < len(words) else "")
+
+
+COMMANDS = {"inspect": inspect, "download": download, "download-lm": download_lm}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,5 @@
-"""Fetching the OpenSLR LibriSpeech archives: resumable, MD5-checked, then extracted under ``root``."""
+"""Fetching the OpenSLR LibriSpeech archives (resumable, MD5-checked, then extracted under ``root``) and its
+language-model resources (resumable, size-checked)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ MD5 = {
     "train-clean-360": "c0e676e450a7ff2f54aeade5171606fa",
     "train-other-500": "d1a0fd59409feb2c614ce4d30c387708",
 }
+# The LibriSpeech LM resources (OpenSLR 11) used for decoding. OpenSLR publishes no checksums for them: these are the
+# sizes that Kaldi's LibriSpeech recipe checks (kaldi-asr/kaldi, egs/librispeech/s5/local/download_lm.sh).
+OPENSLR_LM_URL = "https://www.openslr.org/resources/11"
+LM_ARPA, LM_LEXICON = "4-gram.arpa.gz", "librispeech-lexicon.txt"
+LM_SIZES = {LM_ARPA: 1_355_172_078, LM_LEXICON: 5_627_646}
 _CHUNK = 1 << 20
 
 
@@ -37,9 +43,22 @@ def md5sum(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch(url: str, target: Path, expected_md5: str) -> Path:
-    """Download ``url`` to ``target``, resuming a ``.part`` file left by an interrupted run."""
-    if target.exists() and md5sum(target) == expected_md5:
+def _mismatch(path: Path, md5: str | None, size: int | None) -> str | None:
+    """How ``path`` differs from the published file (its MD5 sum, or its size where no sum is published)."""
+    if md5 is not None:
+        actual = md5sum(path)
+        return None if actual == md5 else f"MD5 {actual}"
+    actual = path.stat().st_size
+    return None if actual == size else f"size {actual}"
+
+
+def fetch(url: str, target: Path, expected_md5: str | None = None, expected_size: int | None = None) -> Path:
+    """Download ``url`` to ``target``, resuming a ``.part`` file left by an interrupted run, and check it against
+    the published MD5 sum or, for files published without one, the published size."""
+    if (expected_md5 is None) == (expected_size is None):
+        raise ValueError("fetch checks a download against an MD5 sum or a size: give one of them")
+    published = expected_md5 if expected_md5 is not None else f"size {expected_size}"
+    if target.exists() and _mismatch(target, expected_md5, expected_size) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".part")
@@ -53,7 +72,7 @@ def fetch(url: str, target: Path, expected_md5: str) -> Path:
         response = None
     except urllib.error.URLError as err:
         raise RuntimeError(f"cannot download {url}: {err.reason}") from err
-    # Whether the part file is known to hold the whole archive; a wrong MD5 then means a corrupt download.
+    # Whether the part file is known to hold the whole file; a mismatch then means a corrupt download.
     complete = response is None
     if response is not None:
         with response:
@@ -79,18 +98,18 @@ def fetch(url: str, target: Path, expected_md5: str) -> Path:
             raise RuntimeError(
                 f"{url}: the connection ended after {size} of {total} bytes; {partial} is kept, run again to resume"
             )
-    actual = md5sum(partial)
-    if actual != expected_md5 and not complete:
+    actual = _mismatch(partial, expected_md5, expected_size)
+    if actual is not None and not complete:
         # Without a Content-Length an early close looks like the end of the data. The next run asks for the
         # rest: a server with nothing more answers 416, and the part file is then known to be complete.
         raise RuntimeError(
-            f"{url}: MD5 {actual} after {partial.stat().st_size} bytes does not match the published "
-            f"{expected_md5}, and the server sent no length, so the transfer may have been cut "
+            f"{url}: {actual} after {partial.stat().st_size} bytes does not match the published "
+            f"{published}, and the server sent no length, so the transfer may have been cut "
             f"short; {partial} is kept, run again to resume"
         )
-    if actual != expected_md5:
+    if actual is not None:
         partial.unlink()
-        raise RuntimeError(f"{url}: MD5 {actual} does not match the published {expected_md5}; removed, run again")
+        raise RuntimeError(f"{url}: {actual} does not match the published {published}; removed, run again")
     partial.rename(target)
     return target
 
@@ -104,7 +123,7 @@ def download_split(split: str, root: str | Path, base_url: str = OPENSLR_URL, md
     if destination.is_dir():
         log.info("%s already extracted at %s", split, destination)
         return destination
-    archive = fetch(f"{base_url}/{split}.tar.gz", root / f"{split}.tar.gz", md5[split])
+    archive = fetch(f"{base_url}/{split}.tar.gz", root / f"{split}.tar.gz", expected_md5=md5[split])
     # Extracted beside the destination (on its file system) and moved there whole: an interrupted extraction
     # leaves no partial split that a later run would take for a complete one.
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -123,3 +142,18 @@ def download_split(split: str, root: str | Path, base_url: str = OPENSLR_URL, md
     (extracted / split).rename(destination)
     shutil.rmtree(staging)
     return destination
+
+
+def fetch_lm(
+    directory: str | Path, base_url: str = OPENSLR_LM_URL, sizes: dict[str, int] = LM_SIZES
+) -> dict[str, Path]:
+    """Fetch the LibriSpeech LM resources into ``directory``: the 4-gram ARPA (gzipped; KenLM reads it as it is)
+    and the pronunciation lexicon, whose words a character model's lexicon spells."""
+    directory = Path(directory).expanduser()
+    return {name: fetch(f"{base_url}/{name}", directory / name, expected_size=size) for name, size in sizes.items()}
+
+
+def lexicon_words(path: Path) -> list[str]:
+    """The words of a pronunciation lexicon (``WORD PHONE PHONE ...`` per line, a line per pronunciation)."""
+    with path.open() as f:
+        return list(dict.fromkeys(line.split(maxsplit=1)[0] for line in f if line.strip()))
