@@ -253,8 +253,9 @@ def print_report(report: dict, shown: int = 10) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+def main(cfg: DictConfig) -> float | None:
+    """Returns the mean WER over the decoded splits to sweepers (conf/evaluate_lm_sweep.yaml)."""
+    return evaluate(cfg).get("wer")
 
 
 if __name__ == "__main__":
