@@ -23,6 +23,7 @@ import torchaudio.functional as AF
 
 from asr.backbones import input_facts
 from asr.checkpoint import TrainedModel
+from asr.data.checks import to_pcm16
 from asr.data.dataset import model_inputs
 from asr.decoding import Decoder
 
@@ -33,11 +34,6 @@ RESAMPLING_MARGIN = 0.01
 
 class AudioError(Exception):
     """A file that cannot be transcribed; the message names it and says why."""
-
-
-def to_pcm16(audio: np.ndarray) -> np.ndarray:
-    """Float audio in [-1, 1) as 16-bit PCM, rounded and clipped as the training data is."""
-    return np.clip(np.round(audio * 32768), -32768, 32767).astype(np.int16)
 
 
 class AudioFile:

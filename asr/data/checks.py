@@ -18,6 +18,11 @@ from asr.data.text import CharTokenizer, canonical, normalize
 from asr.data.transfer import pcm_buffer
 
 
+def to_pcm16(audio: np.ndarray) -> np.ndarray:
+    """Float audio in [-1, 1) as 16-bit PCM, rounded and clipped: what every decoded batch holds."""
+    return np.clip(np.round(audio * 32768), -32768, 32767).astype(np.int16)
+
+
 @dataclass(frozen=True)
 class Checks:
     """What makes an utterance usable: its manifest entry (header and transcript), then its decoding."""
@@ -91,7 +96,7 @@ class Checks:
                 audio = audio.mean(axis=1)
             if rate != self.sample_rate:  # problem() let it through: data.resample is on
                 audio = AF.resample(torch.from_numpy(audio), rate, self.sample_rate).numpy()
-            audio = np.clip(np.round(audio * 32768), -32768, 32767).astype(np.int16)
+            audio = to_pcm16(audio)
         if len(audio) < self.samples(utt):
             detail = f"{len(audio)} of {self.samples(utt)} samples"
             raise DataError.of(Problem("truncated audio", utt.where, detail))
