@@ -39,6 +39,7 @@ import lightning as L
 import numpy as np
 import soundfile as sf
 import torch
+import torchaudio.functional as AF
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -137,6 +138,29 @@ def corpus_stats(root: Path) -> dict:
     return json.loads((root / "done.json").read_text())
 
 
+def write_augment_folders(root: Path, files: int = 8) -> Path:
+    """Folders for the augmentation variants, written once: ``<root>/noise`` (10 s of coloured noise per file) and
+    ``<root>/rirs`` (synthetic room impulse responses: a direct path, then an exponentially decaying tail with an RT60
+    of 0.2 to 0.8 s)."""
+    if (root / "done").is_file():
+        return root
+    rng = np.random.default_rng(0)
+    for name in ("noise", "rirs"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    for k in range(files):
+        pole = rng.uniform(0.0, 0.95)  # a one-pole low-pass: white to reddish noise
+        white = torch.from_numpy(rng.standard_normal(10 * SAMPLE_RATE).astype(np.float32))
+        noise = AF.lfilter(white, torch.tensor([1.0, -pole]), torch.tensor([1.0, 0.0]), clamp=False).numpy()
+        sf.write(root / "noise" / f"noise-{k:02d}.flac", 0.5 * noise / np.abs(noise).max(), SAMPLE_RATE)
+        rt60 = rng.uniform(0.2, 0.8)
+        t = np.arange(int(rt60 * SAMPLE_RATE)) / SAMPLE_RATE
+        rir = rng.standard_normal(len(t)) * np.exp(-6.9 * t / rt60) * 0.3
+        rir[0] = 1.0
+        sf.write(root / "rirs" / f"rir-{k:02d}.flac", 0.9 * rir / np.abs(rir).max(), SAMPLE_RATE)
+    (root / "done").write_text("")
+    return root
+
+
 # --------------------------------------------------------------------------------------------- measurement
 
 
@@ -166,6 +190,7 @@ class Meter:
         self.utterances = 0
         self.events: list[torch.cuda.Event] = []
         self.t_start = self.t0 = self.t1 = None
+        self.cpu0 = self.cpu1 = 0.0  # this process's CPU time, all threads: less sensitive to a shared CPU
         self._warnings = None
         self._caught: list = []
         self._profiler = None
@@ -186,6 +211,7 @@ class Meter:
     def _begin(self) -> None:
         self._sync()
         self.t0 = time.perf_counter()
+        self.cpu0 = time.process_time()
         if self.cuda:
             self.events.append(torch.cuda.Event(enable_timing=True))
             self.events[-1].record()
@@ -201,6 +227,7 @@ class Meter:
             self._warnings.__exit__(None, None, None)
         self._sync()
         self.t1 = time.perf_counter()
+        self.cpu1 = time.process_time()
 
     @property
     def measuring(self) -> bool:
@@ -246,6 +273,7 @@ class Meter:
         out = {
             "audio_seconds_per_second": audio / seconds,
             "step_time_ms": 1000 * seconds / self.steps,
+            "cpu_time_per_step_ms": 1000 * (self.cpu1 - self.cpu0) / self.steps,
             "audio_seconds_per_step": audio / self.steps,
             "utterances_per_step": self.utterances / self.steps,
             "padding_fraction": 1 - audio * SAMPLE_RATE / self.padded if self.padded else 0.0,
@@ -334,6 +362,11 @@ def _arm_settings(cfg: DictConfig) -> dict:
         "sync_free_logging": model.get("sync_free_logging", True),
         "attn_implementation": model.get("attn_implementation"),
         "mask_time_prob": (model.get("config") or {}).get("mask_time_prob"),
+        "augment": {
+            name: OmegaConf.to_container(cfg.augment[name], resolve=True)
+            for name in ("speed", "reverb", "noise")
+            if (cfg.get("augment") or {}).get(name)
+        },
     }
 
 
@@ -540,7 +573,7 @@ def _finish(result: dict, peak_tflops: float, cuda: bool, baseline: float | None
 
 def _table(results: dict) -> str:
     head = (
-        f"{'arm':<28} {'audio-s/s':>10} {'step ms':>8} {'audio s/step':>12} {'pad':>5} {'peak GiB':>8} "
+        f"{'arm':<28} {'audio-s/s':>10} {'step ms':>8} {'cpu ms':>8} {'audio s/step':>12} {'pad':>5} {'peak GiB':>8} "
         f"{'MFU':>6} {'x HF':>6}"
     )
     lines = [head, "-" * len(head)]
@@ -553,8 +586,8 @@ def _table(results: dict) -> str:
         peak = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "-"
         lines.append(
             f"{name:<28} {r['audio_seconds_per_second']:>10.1f} {r['step_time_ms']:>8.1f} "
-            f"{r['audio_seconds_per_step']:>12.1f} {r['padding_fraction']:>5.3f} {peak:>8} {mfu:>6} "
-            f"{ratio:>6}"
+            f"{r['cpu_time_per_step_ms']:>8.1f} {r['audio_seconds_per_step']:>12.1f} {r['padding_fraction']:>5.3f} "
+            f"{peak:>8} {mfu:>6} {ratio:>6}"
         )
     return "\n".join(lines)
 
@@ -597,6 +630,9 @@ def bench(cfg: DictConfig) -> dict:
     runs = ([("ours", cfg)] if spec.ours else []) + [
         (name, _compose_variant(overrides)) for name, overrides in (spec.variants or {}).items()
     ]
+    folders = Path(str(spec.augment_folders)).expanduser()
+    if any(_reads_from(arm_cfg, folders) for _, arm_cfg in runs):
+        write_augment_folders(folders)
     base = arms.get("hf_trainer", {}).get("audio_seconds_per_second")
     for name, arm_cfg in runs:
         if spec.random_init:
@@ -608,6 +644,13 @@ def bench(cfg: DictConfig) -> dict:
     print(json.dumps(report, indent=1, default=str))
     log.info("Results: %s", path)
     return report
+
+
+def _reads_from(cfg: DictConfig, folders: Path) -> bool:
+    """Whether the run's noise or reverb reads a folder under ``folders`` (bench.augment_folders)."""
+    augment = cfg.get("augment") or {}
+    paths = [(augment.get(name) or {}).get("folder") for name in ("noise", "reverb")]
+    return any(path and Path(str(path)).expanduser().is_relative_to(folders) for path in paths)
 
 
 def _compose_variant(overrides: str | list[str]) -> DictConfig:

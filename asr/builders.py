@@ -6,9 +6,10 @@ from typing import TYPE_CHECKING
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from asr.backbones import encoder_facts
+from asr.data.augment import AdditiveNoise, Augmentation, Reverb, SpeedPerturbation
 from asr.data.text import CharTokenizer
 from asr.decoding import Decoder
 
@@ -29,9 +30,32 @@ def build_datamodule(
     cfg: DictConfig, tokenizer: CharTokenizer | None = None, input_facts: dict | None = None
 ) -> SpeechDataModule:
     """The DataModule of ``cfg.data``, told the model's sample rate, receptive field and frame rate: those of a
-    built model (``model.input_facts``) where there is one, else read from ``cfg.model``."""
+    built model (``model.input_facts``) where there is one, else read from ``cfg.model``; with the waveform
+    augmentation of ``cfg.augment``."""
     facts = input_facts or encoder_facts(cfg.model)
-    return instantiate(cfg.data, tokenizer=tokenizer or build_tokenizer(), **facts, _convert_="all")
+    augment = build_augmentation(cfg, facts["sample_rate"])
+    return instantiate(cfg.data, tokenizer=tokenizer or build_tokenizer(), **facts, augment=augment, _convert_="all")
+
+
+def build_augmentation(cfg: DictConfig, sample_rate: int) -> Augmentation | None:
+    """The waveform transforms of ``cfg.augment`` (None without any): their audio folders read at the model's
+    ``sample_rate``, a bad file in them skipped or raised as ``data.on_error`` says. (``augment.specaugment`` is the
+    model's: conf/model/*.yaml read it.)"""
+    augment = cfg.get("augment") or {}
+    files = {"sample_rate": sample_rate, "on_error": cfg.data.get("on_error", "skip")}
+
+    def settings(name: str) -> dict | None:
+        node = augment.get(name)
+        return None if node is None else OmegaConf.to_container(node, resolve=True)
+
+    speed, reverb, noise = settings("speed"), settings("reverb"), settings("noise")
+    if speed is None and reverb is None and noise is None:
+        return None
+    return Augmentation(
+        speed=None if speed is None else SpeedPerturbation(**speed),
+        reverb=None if reverb is None else Reverb(**reverb, **files),
+        noise=None if noise is None else AdditiveNoise(**noise, **files),
+    )
 
 
 def build_model(cfg: DictConfig, tokenizer: CharTokenizer, **overrides) -> SpeechRecognizer:

@@ -13,13 +13,16 @@ from torchmetrics.functional.text import char_error_rate, word_error_rate
 
 log = logging.getLogger(__name__)
 
+# FinalCheckpoint's file: also written on Ctrl+C, in the middle of a step, so not a point to resume from.
+FINAL_CHECKPOINT = "final.ckpt"
+
 
 class FinalCheckpoint(L.Callback):
     """Saves the weights training ends with, whatever ended it (``max_steps``, ``max_time``, ``max_epochs``, a stop
     asked for, Ctrl+C): the model ``asr.train`` tests, and that ``metrics.json`` names. Lightning's
     ``ModelCheckpoint`` saves only when it validates, so its ``last.ckpt`` can be older."""
 
-    def __init__(self, dirpath: str, filename: str = "final.ckpt") -> None:
+    def __init__(self, dirpath: str, filename: str = FINAL_CHECKPOINT) -> None:
         self.path = Path(dirpath) / filename
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -30,7 +33,7 @@ class FinalCheckpoint(L.Callback):
             self._save(trainer)
 
     def _save(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # everything, to resume
         log.info("Final weights (step %d): %s", trainer.global_step, self.path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from transformers import (
 
 from asr.backbones import architecture_overrides
 from asr.builders import build_tokenizer
+from asr.callbacks import FINAL_CHECKPOINT
 from asr.data.text import BOS, EOS, PAD, UNK, WORD_DELIMITER, CharTokenizer
 from asr.decoding import Decoder
 from asr.model import SpeechRecognizer
@@ -29,22 +31,86 @@ log = logging.getLogger(__name__)
 RUNTIME_KEYS = ("attn_implementation", "packed", "compile", "compile_options", "device_specaugment", "onednn_conv")
 # How a model runs for inference and export: transformers' own attention, nothing patched in.
 INFERENCE_RUNTIME = {"packed": False, "compile": None, "attn_implementation": None, "device_specaugment": False}
+# What torch.save writes: a zip archive.
+ZIP_MAGIC = b"PK\x03\x04"
+# ckpt_path=last: the newest checkpoint of the run folder (resume_path).
+LAST = "last"
 # State-dict keys of SpeechRecognizer.packed_encoder, the backbone's encoder registered a second time.
 _PACKED_ALIAS = "packed_encoder."
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """The checkpoint at ``path``, on the CPU, or a SystemExit that says what is wrong with the file."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """The checkpoint at ``path``, on the CPU (``mmap``: its tensors mapped, not read), or a SystemExit that says what
+    is wrong with the file.
+
+    Loaded with ``weights_only=True``: tensors, containers and plain values only, which is all that ``asr.train``
+    writes (``tests/test_checkpoint.py`` checks a trained run's checkpoints), so no allow-list is needed. A file that
+    holds anything else (a pickled function or class, which loading would run) is refused, naming what it holds.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise SystemExit(f"ckpt_path={path}: no such file")
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if head != ZIP_MAGIC:  # what torch.save has written since PyTorch 1.6, and Lightning always
+        raise SystemExit(
+            f"ckpt_path={path}: not a readable checkpoint: not a file torch.save writes (it begins {head!r})"
+        )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
-        raise SystemExit(f"ckpt_path={path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        unsafe = _unsafe_globals(path)
+        if not unsafe:
+            raise SystemExit(f"ckpt_path={path}: not a readable checkpoint ({_first_line(err)})") from err
+        raise SystemExit(
+            f"ckpt_path={path}: refused: it holds {', '.join(unsafe)}, code that loading would run. A checkpoint of "
+            "asr.train holds only tensors and plain values; this file was written by something else, or altered."
+        ) from None
+    except Exception as err:  # noqa: BLE001 - a zip archive that does not read: cut short or damaged
+        raise SystemExit(
+            f"ckpt_path={path}: not a readable checkpoint: cut short or damaged ({_first_line(err)})"
+        ) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "backbone_config" not in checkpoint:
         raise SystemExit(f"ckpt_path={path}: not a checkpoint written by asr.train (no state_dict or backbone_config)")
     return checkpoint
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - the caller reports the load error instead
+        return []
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+
+
+def resume_path(ckpt_path: str | None, checkpoints: Path) -> str | None:
+    """The checkpoint ``asr.train`` resumes from: ``ckpt_path`` itself, checked; for ``last``, the newest checkpoint
+    in ``checkpoints`` (the run folder's) other than ``final.ckpt`` (Ctrl+C writes it mid-step), or None when it
+    has none. Without ``ckpt_path``, a folder that holds checkpoints already is an error: they would be overwritten."""
+    resumable = sorted(
+        (p for p in checkpoints.glob("*.ckpt") if p.name != FINAL_CHECKPOINT),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    if ckpt_path is None:
+        if resumable:
+            raise SystemExit(
+                f"{checkpoints} holds checkpoints already ({', '.join(p.name for p in resumable)}): resume them with "
+                "ckpt_path=last, or start a new run in another folder (hydra.run.dir=...)"
+            )
+        return None
+    if ckpt_path == LAST:
+        if not resumable:
+            log.info("ckpt_path=last: no checkpoint in %s yet, starting from scratch", checkpoints)
+            return None
+        ckpt_path = str(resumable[0])
+        log.info("ckpt_path=last: resuming from %s, the newest checkpoint of this run", ckpt_path)
+    checkpoint = load_checkpoint(ckpt_path, mmap=True)  # a bad file stops here, with a message, not in Lightning
+    log.info("Resuming from %s (global step %s)", ckpt_path, checkpoint.get("global_step"))
+    return ckpt_path
 
 
 def load_recognizer(

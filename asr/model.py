@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import lightning as L
 import torch
@@ -20,6 +22,7 @@ from asr.data.text import CharTokenizer
 from asr.decoding import Decoder, GreedyDecoder
 
 log = logging.getLogger(__name__)
+STAGES = {"val": "validation", "test": "test"}
 # The model's on_before_batch_transfer (host-side packing) is meant to run with any DataModule.
 warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `Lightning")
 
@@ -46,6 +49,7 @@ class SpeechRecognizer(L.LightningModule):
         onednn_conv: bool = True,
         compile: str | None = None,
         compile_options: dict | None = None,
+        max_nonfinite_steps_in_a_row: int = 20,
     ) -> None:
         """``optimizer`` and ``scheduler`` are factories (``_partial_``), None to evaluate only; ``decoder`` turns
         logits into text for the WER (greedy when not given). ``sample_rate`` is what the encoder takes. For the first
@@ -65,7 +69,12 @@ class SpeechRecognizer(L.LightningModule):
           instead of oneDNN's, much faster for a trained feature encoder on variable-width batches;
         - ``compile``: ``layers`` (and/or ``feature_encoder``, joined with ``+``) compiles those modules,
           in place, with ``compile_options`` when fitting or testing starts.
+
+        An optimizer step whose loss or gradients are not finite is skipped and counted (:meth:`optimizer_step`);
+        ``max_nonfinite_steps_in_a_row`` such steps in a row stop training.
         """
+        if max_nonfinite_steps_in_a_row < 1:
+            raise ValueError(f"max_nonfinite_steps_in_a_row must be at least 1, not {max_nonfinite_steps_in_a_row}")
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer", "optimizer", "scheduler", "decoder"])
         self.tokenizer = tokenizer
@@ -86,6 +95,10 @@ class SpeechRecognizer(L.LightningModule):
         self._step_tokens: torch.Tensor | None = None  # target tokens of the optimizer step so far, on this rank
         self._normaliser: torch.Tensor | None = None  # of the step's losses (_step_normaliser)
         self._loss_steps = 0
+        self._step_batches: list[tuple[list[str], torch.Tensor]] = []  # ids and loss of the step's micro-batches
+        self._train_batch_size: tuple[int, int] = (0, 0)  # utterances and padded width (samples) of the last one
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradients, in all
+        self.nonfinite_in_a_row = 0
         self.feature_encoder_frozen = False
         if freeze_feature_encoder:
             self._freeze_feature_encoder()
@@ -171,8 +184,23 @@ class SpeechRecognizer(L.LightningModule):
         return backbone.lm_head(backbone.dropout(hidden))
 
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
-        with speedups.onednn(self.hparams.onednn_conv):
+        with self._naming_out_of_memory("training", *self._train_batch_size), speedups.onednn(self.hparams.onednn_conv):
             super().backward(loss, *args, **kwargs)
+
+    @contextmanager
+    def _naming_out_of_memory(self, stage: str, utterances: int, width: int) -> Iterator[None]:
+        """Turns an out-of-memory error into one that names the batch and the settings that make batches smaller."""
+        try:
+            yield
+        except torch.OutOfMemoryError as err:
+            seconds = width / self.hparams.sample_rate
+            prefix = "data." if stage == "training" else "data.eval_"
+            raise torch.OutOfMemoryError(
+                f"Out of memory in a {stage} batch of {utterances} utterances, {utterances * seconds:.1f} s of audio "
+                f"with padding (the longest {seconds:.1f} s), on rank {self.global_rank}. Make batches smaller: "
+                f"{prefix}max_batch_seconds when batching by seconds of audio, {prefix}batch_size when by "
+                f"utterances. ({str(err).splitlines()[0] if str(err) else 'no details'})"
+            ) from err
 
     def ctc_sum(self, logits: torch.Tensor, lengths: torch.Tensor, batch: dict) -> torch.Tensor:
         """CTC summed over the batch."""
@@ -199,10 +227,13 @@ class SpeechRecognizer(L.LightningModule):
         if not batch["ids"]:  # all failed to decode (data.on_error=skip): a zero step keeps DDP ranks in step
             self._step_normaliser(torch.zeros((), dtype=torch.long, device=self.device))
             return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
-        logits, lengths = self(batch["input_values"], batch["attention_mask"], batch.get("packing"))
-        summed = self.ctc_sum(logits, lengths, batch)
+        self._train_batch_size = tuple(batch["attention_mask"].shape)
+        with self._naming_out_of_memory("training", *self._train_batch_size):
+            logits, lengths = self(batch["input_values"], batch["attention_mask"], batch.get("packing"))
+            summed = self.ctc_sum(logits, lengths, batch)
         tokens = batch["label_lengths"].sum()
         loss = summed.detach() / tokens  # what is logged: this batch's loss per token
+        self._step_batches.append((batch["ids"], loss))
         batch_size = len(batch["ids"])
         if self.hparams.sync_free_logging:
             self._log_train_loss_every_n_steps(loss, batch_size)
@@ -238,20 +269,62 @@ class SpeechRecognizer(L.LightningModule):
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """After the step's last backward (DDP has averaged the gradients over ranks, and Lightning has divided each
         micro-batch's loss by ``accumulate_grad_batches``), rescale the gradients to those of the step's CTC sum over
-        its tokens on all ranks. Before the gradient scaler, clipping and any callback see them."""
+        its tokens on all ranks. Before the gradient scaler, clipping and any callback see them.
+
+        A step whose gradients are not finite (a non-finite loss on any rank makes them so) is skipped: without a
+        gradient scaler its gradients are dropped, so the optimizer changes neither weights nor state; under
+        ``16-mixed`` the scaler skips it (and lowers its scale). DDP has already made every rank's gradients the
+        same, so all ranks decide alike without a collective. Costs one read-back from the device per step."""
+        finite = True
 
         def closure():
+            nonlocal finite
             result = optimizer_closure()
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            factor = torch.ones(())
             if self._step_tokens is not None:
                 trainer = self.trainer
                 total = self._sum_over_ranks(self._step_tokens.float()).clamp(min=1)
                 factor = trainer.world_size * trainer.accumulate_grad_batches * self._normaliser / total
-                grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-                torch._foreach_mul_(grads, factor)
             self._step_tokens = self._normaliser = None
+            finite = _scale_and_check([p.grad for p in params], factor)
+            if not finite and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+                for p in params:
+                    p.grad = None
             return result
 
         optimizer.step(closure=closure)
+        self._count_nonfinite(finite)
+
+    def _count_nonfinite(self, finite: bool) -> None:
+        """Counts a skipped step (``train/skipped_steps``), naming its utterances; stops after too many in a row."""
+        batches, self._step_batches = self._step_batches, []
+        if finite:
+            self.nonfinite_in_a_row = 0
+        else:
+            self.skipped_steps += 1
+            self.nonfinite_in_a_row += 1
+            limit = self.hparams.max_nonfinite_steps_in_a_row
+            where = "; ".join(f"loss {float(loss):.4g}: {' '.join(ids)}" for ids, loss in batches) or "no batch"
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            scale = "" if scaler is None else f" (16-mixed: the gradient scaler's scale is now {scaler.get_scale():g})"
+            log.warning(
+                "Step %d skipped: non-finite loss or gradients%s, %d in a row, %d in all. Rank %d's batches: %s",
+                self.global_step,
+                scale,
+                self.nonfinite_in_a_row,
+                self.skipped_steps,
+                self.global_rank,
+                where,
+            )
+            if self.nonfinite_in_a_row >= limit:
+                raise FloatingPointError(
+                    f"Training stopped at step {self.global_step}: {limit} steps in a row had a non-finite loss or "
+                    f"gradients (model.max_nonfinite_steps_in_a_row={limit}). Rank {self.global_rank}'s batches of "
+                    f"the last one, with their loss per token: {where}. The skipped steps before it are logged "
+                    f"with their utterances."
+                )
+        self.log("train/skipped_steps", torch.tensor(float(self.skipped_steps)), on_step=True, batch_size=1)
 
     def _log_train_loss_every_n_steps(self, loss: torch.Tensor, batch_size: int) -> None:
         """Log the mean loss since the last logger write, every ``trainer.log_every_n_steps`` steps.
@@ -289,16 +362,22 @@ class SpeechRecognizer(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The full backbone config, so that a checkpoint can be rebuilt without the hub (asr.evaluate).
         checkpoint["backbone_config"] = self.backbone.config.to_diff_dict()
+        checkpoint["nonfinite_steps"] = {"skipped": self.skipped_steps, "in_a_row": self.nonfinite_in_a_row}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        counts = checkpoint.get("nonfinite_steps", {})
+        self.skipped_steps, self.nonfinite_in_a_row = counts.get("skipped", 0), counts.get("in_a_row", 0)
 
     def _evaluate(self, stage: str, batch: dict, batch_idx: int, dataloader_idx: int) -> list[str]:
         """Updates the split's metrics; returns the batch's transcripts."""
         split = self.splits[stage][dataloader_idx]
         if not batch["ids"]:  # all failed to decode (data.on_error=skip); the DataModule counted them
             return []
-        logits, lengths = self(batch["input_values"], batch["attention_mask"], batch.get("packing"))
-        loss = self.ctc_loss(logits, lengths, batch)
-        self.metrics[f"{stage}_{split}_loss"].update(loss, weight=len(batch["ids"]))
-        hypotheses = self.decoder(logits, lengths)
+        with self._naming_out_of_memory(STAGES[stage], *batch["attention_mask"].shape):
+            logits, lengths = self(batch["input_values"], batch["attention_mask"], batch.get("packing"))
+            loss = self.ctc_loss(logits, lengths, batch)
+            self.metrics[f"{stage}_{split}_loss"].update(loss, weight=len(batch["ids"]))
+            hypotheses = self.decoder(logits, lengths)
         self.metrics[f"{stage}_{split}_wer"].update(hypotheses, batch["texts"])
         self.metrics[f"{stage}_{split}_cer"].update(hypotheses, batch["texts"])
         if batch_idx == 0:
@@ -346,3 +425,16 @@ class SpeechRecognizer(L.LightningModule):
             schedule["time_fraction"] = lambda: timer.time_elapsed() / budget
         scheduler = self.scheduler_factory(optimizer, **schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _scale_and_check(grads: list[torch.Tensor], factor: torch.Tensor) -> bool:
+    """Multiplies the gradients by ``factor``; returns whether they are all finite. The gradient scaler's own
+    fused kernel, which does both in one pass; one read-back per device."""
+    groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for grad in grads:
+        groups[grad.device, grad.dtype].append(grad)
+    found: dict[torch.device, torch.Tensor] = {}
+    for (device, _), group in groups.items():
+        inf = found.setdefault(device, torch.zeros(1, device=device))
+        torch._amp_foreach_non_finite_check_and_unscale_(group, inf, factor.to(device, torch.float32).reshape(1))
+    return not any(bool(inf) for inf in found.values())

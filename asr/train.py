@@ -15,6 +15,8 @@ from omegaconf import DictConfig
 from asr import wandb_run
 from asr.builders import build_datamodule, build_logger, build_model, build_tokenizer, build_trainer
 from asr.callbacks import FinalCheckpoint
+from asr.checkpoint import resume_path
+from asr.data.librispeech import DataError
 from asr.preflight import check_inputs
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ``python -m asr.evaluate ckpt_path=...`` on it gives the same test metrics.
     """
     check_inputs(cfg)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    # ckpt_path=last becomes the run's newest checkpoint (or None); W&B reads the run id from the path.
+    cfg.ckpt_path = resume_path(cfg.get("ckpt_path"), output_dir / "checkpoints")
     wandb_run.check_credentials(cfg)  # logger=wandb online without credentials: stop now, not at a login prompt
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = build_tokenizer()
@@ -36,7 +41,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = build_trainer(cfg, logger=build_logger(cfg, **wandb_run.logger_overrides(cfg)))
 
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
         fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         trainer.test(model, datamodule=datamodule)
     except BaseException:
@@ -47,7 +52,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics["data/skipped"] = float(sum(datamodule.skipped.values()))
     final = next((c.path for c in trainer.callbacks if isinstance(c, FinalCheckpoint)), None)
 
-    path = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
+    path = output_dir / "metrics.json"
     report = json.dumps({**metrics, "checkpoint": None if final is None else str(final)}, indent=1, sort_keys=True)
     if trainer.is_global_zero:
         path.write_text(report)
@@ -60,11 +65,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
-    except SystemExit as stop:
-        # A sweep point that cannot start (asr.preflight, W&B credentials) fails alone: a SystemExit ends the sweep.
-        if isinstance(stop.code, str) and HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise RuntimeError(stop.code) from None
-        raise
+    except (SystemExit, DataError) as stop:
+        # A run that cannot start (asr.preflight, W&B credentials) or a bad file under data.on_error=raise ends with
+        # its message, no traceback; a sweep point fails alone (a SystemExit would end the sweep).
+        message = str(stop) if isinstance(stop, DataError) else stop.code
+        if not isinstance(message, str):
+            raise
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise RuntimeError(message) from None
+        raise SystemExit(message) from None
     return metrics.get(cfg.get("optimized_metric"))
 
 

@@ -193,7 +193,7 @@ def resumed_run_id(ckpt_path: str | os.PathLike | None) -> str | None:
     path = Path(ckpt_path)
     try:
         # mmap: the tensors are not read, only the pickled structure around them.
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         for key, state in (checkpoint.get("callbacks") or {}).items():
             if str(key).startswith(WandbRunId.__qualname__) and isinstance(state, dict) and state.get("run_id"):
                 return str(state["run_id"])

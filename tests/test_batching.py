@@ -1,5 +1,7 @@
 import random
 
+import pytest
+
 from asr.data.batching import DistributedBatchSampler, DurationBatchSampler, bucket_stream, efficiency
 from asr.data.synthetic import librispeech_like_durations
 
@@ -115,3 +117,12 @@ def test_every_epoch_has_the_length_lightning_read_at_the_start():
             assert len(sampler) == len(batches) == length
             seen += [i for batch in batches for i in batch]
         assert len(set(seen)) > 0.95 * len(durations)  # a few batches left out or repeated
+
+
+def test_batches_by_seconds_fill_the_budget_exactly_also_with_utterances_under_a_second():
+    """(From a mutation run: an off-by-one in the padded length, or a budget reached but not allowed, went unseen.)"""
+    assert [len(b) for b in DurationBatchSampler([1.0] * 8, max_batch_seconds=4.0, shuffle=False)] == [4, 4]
+    assert [len(b) for b in DurationBatchSampler([0.25] * 8, max_batch_seconds=1.0, shuffle=False)] == [4, 4]
+    assert efficiency([[0, 1], [2]], [1.0, 3.0, 2.0]) == 6.0 / 8.0
+    with pytest.raises(ValueError, match="set exactly one of batch_size and max_batch_seconds"):
+        DurationBatchSampler([1.0], batch_size=2, max_batch_seconds=4.0)

@@ -7,9 +7,9 @@ import lightning as L
 import pytest
 import torch
 
-from asr.checkpoint import load_recognizer, load_trained, save_export
+from asr.checkpoint import load_checkpoint, load_recognizer, load_trained, save_export
 from asr.model import SpeechRecognizer
-from tests.helpers import TINY_HUBERT
+from tests.helpers import TINY_HUBERT, batch_of
 
 
 def test_a_checkpoint_rebuilds_its_model_without_the_hub(tmp_path, tokenizer):
@@ -31,12 +31,85 @@ def test_a_checkpoint_rebuilds_its_model_without_the_hub(tmp_path, tokenizer):
         torch.testing.assert_close(loaded.state_dict()[name], tensor)
 
 
-@pytest.mark.parametrize("content", [b"not a checkpoint\n", b"PK\x03\x04 cut in half"], ids=["text", "truncated"])
-def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, tokenizer, content):
-    path = tmp_path / "broken.ckpt"
-    path.write_bytes(content)
-    with pytest.raises(SystemExit, match=f"ckpt_path={path}: not a readable checkpoint"):
+def test_a_text_file_or_a_checkpoint_cut_in_half_is_named(tmp_path, tokenizer):
+    path = tmp_path / "text.ckpt"
+    path.write_text("not a checkpoint\n")
+    with pytest.raises(SystemExit, match=f"ckpt_path={path}: not a readable checkpoint: not a file torch.save writes"):
         load_recognizer(path, tokenizer)
+    whole = saved(SpeechRecognizer(tokenizer, None, config=TINY_HUBERT), tmp_path / "whole.ckpt").read_bytes()
+    path = tmp_path / "half.ckpt"
+    path.write_bytes(whole[: len(whole) // 2])
+    for load in (functools.partial(load_recognizer, tokenizer=tokenizer), load_trained):
+        with pytest.raises(SystemExit, match=f"ckpt_path={path}: not a readable checkpoint: cut short or damaged"):
+            load(path)
+
+
+class Payload:
+    """What a hostile checkpoint could carry: unpickling it calls ``record`` (a function of this module)."""
+
+    def __reduce__(self):
+        return (record, ("ran",))
+
+
+RAN: list[str] = []
+
+
+def record(value: str) -> str:
+    RAN.append(value)
+    return value
+
+
+def test_a_checkpoint_carrying_a_pickled_callable_is_refused_unrun(tmp_path, tokenizer):
+    model = SpeechRecognizer(tokenizer, None, config=TINY_HUBERT)
+    checkpoint = torch.load(saved(model, tmp_path / "model.ckpt"), weights_only=True)
+    torch.save(
+        {**checkpoint, "hyper_parameters": {**checkpoint["hyper_parameters"], "x": Payload()}}, tmp_path / "evil.ckpt"
+    )
+    path = tmp_path / "evil.ckpt"
+    message = f"ckpt_path={path}: refused: it holds tests.test_checkpoint.record, code that loading would run"
+    for load in (functools.partial(load_recognizer, tokenizer=tokenizer), load_trained, load_checkpoint):
+        with pytest.raises(SystemExit, match=message):
+            load(path)
+    assert RAN == []
+
+
+def test_what_asr_train_writes_needs_no_allow_list(tmp_path, tokenizer):
+    """A fit's checkpoints (loops, callbacks, optimizer) hold nothing that weights_only=True refuses. (Those of
+    ``python -m asr.train``, with its schedule and data position, are resumed with weights_only=True in
+    tests/test_resume.py.)"""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from asr.callbacks import FinalCheckpoint
+
+    model = SpeechRecognizer(
+        tokenizer, functools.partial(torch.optim.AdamW, lr=1e-3), config=TINY_HUBERT, freeze_feature_encoder=False
+    )
+    batch = {**batch_of([torch.randn(16_000)], [tokenizer.encode("HELLO")]), "ids": ["u0"], "texts": ["HELLO"]}
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[
+            ModelCheckpoint(
+                tmp_path,
+                filename="step{step}",
+                auto_insert_metric_name=False,
+                monitor="step",
+                mode="max",
+                save_top_k=2,
+                every_n_train_steps=1,
+            ),
+            FinalCheckpoint(str(tmp_path)),
+        ],
+    )
+    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader([batch] * 2, batch_size=None))
+    paths = sorted(tmp_path.glob("*.ckpt"))
+    assert [p.name for p in paths] == ["final.ckpt", "step1.ckpt", "step2.ckpt"]
+    for path in paths:
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
+        assert load_checkpoint(path)["optimizer_states"]
 
 
 def test_a_missing_checkpoint_is_named(tmp_path, tokenizer):

@@ -6,7 +6,7 @@ import soundfile as sf
 import torch
 
 from asr.data.checks import Checks
-from asr.data.librispeech import DataError, scan_directory
+from asr.data.librispeech import DataError, Problem, Utterance, scan_directory
 from tests.helpers import CHECK_PROBLEMS, write_corpus
 
 
@@ -46,10 +46,11 @@ def test_a_batch_is_decoded_padded_and_leaves_out_what_fails(tmp_path, tokenizer
     by_id = {u.id: u for u in utterances}
     chosen = [by_id[i] for i in ("84-121123-0000", "174-50561-0002", "174-50561-0003", "84-121123-0001")]
     checks = Checks(tokenizer, resample=True)
-    batch = checks.batch([(u, u.path) for u in chosen], on_error="skip", skipped=[("earlier", "x.flac")])
+    earlier = Problem("earlier", "x.flac", "")
+    batch = checks.batch([(u, u.path) for u in chosen], on_error="skip", skipped=[earlier])
     assert batch["ids"] == ["84-121123-0000", "174-50561-0003", "84-121123-0001"]
-    assert [reason for reason, _ in batch["skipped"]] == ["earlier", "undecodable audio"]
-    assert batch["skipped"][1][1].endswith("174-50561-0002.flac")
+    assert [p.reason for p in batch["skipped"]] == ["earlier", "undecodable audio"]
+    assert batch["skipped"][1].where.endswith("174-50561-0002.flac") and batch["skipped"][1].detail
     lengths = [checks.samples(by_id[i]) for i in batch["ids"]]
     assert lengths[1] == 16_000  # the 8 kHz clip, resampled
     assert batch["lengths"] == lengths
@@ -61,3 +62,20 @@ def test_a_batch_is_decoded_padded_and_leaves_out_what_fails(tmp_path, tokenizer
         assert tokenizer.decode(batch["labels"][k]) == batch["texts"][k]
     with pytest.raises(DataError, match="174-50561-0002"):
         checks.batch([(u, u.path) for u in chosen], on_error="raise")
+
+
+@pytest.mark.parametrize("text, labels", [("LL", 2), ("HELLO", 5), ("A BOOK", 6)])
+def test_ctc_needs_a_blank_between_repeated_letters_exactly_at_the_edge(tokenizer, text, labels):
+    """The HuBERT CNN gives frame k for samples [320k, 320k + 400): N frames from 400 + 320 (N - 1) samples. A label
+    needs a frame per letter and a blank between each pair of repeated letters ("LL": 3 frames, not 2)."""
+    needed = labels + 1  # each of these has one repeat: LL, LL, OO
+    checks = Checks(tokenizer)
+
+    def utterance(samples: int) -> Utterance:
+        return Utterance("1-2-3", "x.flac", text, "1", samples, 16_000)
+
+    fits = 400 + 320 * (needed - 1)
+    assert checks.problem(utterance(fits), for_training=True) is None
+    problem = checks.problem(utterance(fits - 1), for_training=True)
+    assert problem.reason == "label longer than the output frames"
+    assert problem.detail.startswith(f"{needed} CTC frames needed, {needed - 1} in")

@@ -137,7 +137,7 @@ def test_evaluation_uses_every_usable_utterance_once(tmp_path, tokenizer, source
     assert trained == set(USABLE) - {"174-50561-0002", "174-50561-0006"}
     batches = drain(dm, dm.val_dataloader()[0])
     assert sorted(i for b in batches for i in b["ids"]) == sorted(set(USABLE) - {"174-50561-0002"})
-    skipped = Counter(reason for b in batches for reason, _ in b["skipped"])
+    skipped = Counter(p.reason for b in batches for p in b["skipped"])
     assert skipped == {"undecodable audio": 1}  # the rest was counted at setup, from the manifest
 
 
@@ -324,7 +324,7 @@ def test_lightning_reshuffles_each_epoch_and_resumes(tmp_path, tokenizer, into_s
     assert stopped + resumed == whole
 
 
-def test_inspect_command(demo_root):
+def test_inspect_command(demo_root, tmp_path):
     result = subprocess.run(
         [
             sys.executable,
@@ -338,11 +338,13 @@ def test_inspect_command(demo_root):
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert "train: " in result.stdout and "8 speakers" in result.stdout
     assert "test-unseen: 16 utterances" in result.stdout and "2 speakers" in result.stdout
     assert "skipped: 0" in result.stdout and "read: at random" in result.stdout
+    assert f"0 unusable utterances listed in {tmp_path / 'skipped.tsv'}" in result.stdout
 
 
 def test_inspect_an_archive_lists_its_skips(tmp_path):
@@ -363,12 +365,15 @@ def test_inspect_an_archive_lists_its_skips(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert f"dev-clean: {len(USABLE) - 1} utterances" in result.stdout
     assert "dev-clean.tar.gz" in result.stdout and "read: in parts, through its gzip index" in result.stdout
-    assert f"skipped: {5 + len(CHECK_PROBLEMS) + 1} " in result.stdout
-    assert "'label longer than the output frames': 1" in result.stdout
+    assert f"skipped: {5 + len(CHECK_PROBLEMS) + 1}\n" in result.stdout
+    assert "    label longer than the output frames: 1\n      " in result.stdout
+    assert "dev-clean.tar.gz:LibriSpeech/dev-clean/174/50561/174-50561-0006.flac (" in result.stdout
+    assert f"listed in {tmp_path / 'skipped.tsv'}" in result.stdout
 
 
 def test_an_evaluation_utterance_longer_than_the_budget_is_batched_alone(tmp_path, tokenizer, caplog):

@@ -46,6 +46,7 @@ def test_two_ranks_get_equal_disjoint_regions_of_the_archive(demo_root, tmp_path
             "experiment=demo",
             f"data.root={archives}",
             "data/source=archive",
+            "data.test_splits=[test-seen,test-unseen]",
             "trainer.devices=2",
             "trainer.strategy=ddp",
             "trainer.max_epochs=1",

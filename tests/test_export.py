@@ -124,7 +124,7 @@ def test_evaluating_the_checkpoint_and_its_export_gives_the_same_results(exporte
         predictions = folder / "predictions.jsonl"
         reports.append((report["splits"], predictions.read_text() if predictions.exists() else None))
     (checkpoint_splits, checkpoint_predictions), (export_splits, export_predictions) = reports
-    assert set(checkpoint_splits) == {"test-seen", "test-unseen"}
+    assert set(checkpoint_splits) == {"test-seen", "test-unseen", "test-fast", "test-noisy", "test-accents"}
     assert checkpoint_splits["test-seen"]["cer"] != 1.0  # not all blank
     assert export_splits == checkpoint_splits
     assert export_predictions == checkpoint_predictions

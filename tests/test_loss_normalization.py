@@ -125,3 +125,35 @@ def test_gradients_do_not_depend_on_how_the_batch_is_split(tokenizer, tmp_path, 
     # per-micro-batch token means by 8% or more here. (Some gradients are near zero: no per-element tolerance.)
     difference = torch.cat([(g - e).flatten() for g, e in zip(got, expected, strict=True)]).norm()
     assert difference / torch.cat([e.flatten() for e in expected]).norm() < 1e-3
+
+
+def test_the_loss_is_the_ctc_sum_over_the_token_count(tokenizer, tmp_path):
+    """Fast and direct: what the module computes against F.ctc_loss(reduction="sum") over the batch's target tokens,
+    on labels of very unequal lengths and one utterance with more labels than frames (its loss is zeroed, its
+    tokens still count)."""
+    module = make_module(tokenizer, tmp_path / "unused.pt")
+    batch = merged(tokenizer, [0, 1, 2, 3])
+    short = batch_of([torch.rand(300) * 2 - 1], [tokenizer.encode("FAR TOO MANY LETTERS")])
+    with torch.no_grad():
+        logits, lengths = module(batch["input_values"], batch["attention_mask"])
+        short_logits, short_lengths = module(short["input_values"], short["attention_mask"])
+    assert short_lengths[0] < short["label_lengths"][0]
+
+    def reference(logits, lengths, batch, reduction="sum"):
+        return F.ctc_loss(
+            logits.log_softmax(-1).transpose(0, 1),
+            batch["labels"].clamp(min=0),
+            lengths,
+            batch["label_lengths"],
+            blank=tokenizer.pad_id,
+            reduction=reduction,
+            zero_infinity=True,
+        )
+
+    tokens = int(batch["label_lengths"].sum())
+    expected = reference(logits, lengths, batch) / tokens
+    assert float(module.ctc_loss(logits, lengths, batch)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(module.ctc_sum(logits, lengths, batch)) == pytest.approx(float(expected) * tokens, rel=1e-6)
+    # Not PyTorch's "mean" (each utterance over its own length, then averaged), which differs here.
+    assert float(reference(logits, lengths, batch, "mean")) != pytest.approx(float(expected), rel=0.05)
+    assert float(module.ctc_loss(short_logits, short_lengths, short)) == 0.0

@@ -318,3 +318,53 @@ def test_only_the_ctc_head_learns_while_the_encoder_is_frozen(tokenizer, freeze_
     module.ctc_loss(logits, lengths, batch).backward()
     learning = {name.split(".")[1] for name, p in module.named_parameters() if p.grad is not None}
     assert learning == ({"lm_head"} if freeze_encoder_steps else {"lm_head", "hubert"})
+
+
+# ------------------------------------------------------------------------------------------- out of memory
+
+
+def out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore details")
+
+
+def one_batch_trainer():
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def one_batch(tokenizer) -> list[dict]:
+    batch = batch_of([torch.rand(8000) * 2 - 1, torch.rand(4000) * 2 - 1], [tokenizer.encode("HI")] * 2)
+    return [{**batch, "ids": ["a", "b"], "texts": ["HI", "HI"]}]
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_out_of_memory_in_training_names_the_batch_and_the_settings(tokenizer, monkeypatch, where):
+    module = make_module(tokenizer, config=FAST, freeze_feature_encoder=False)
+    if where == "forward":
+        monkeypatch.setattr(module.backbone, "forward", out_of_memory)
+    else:
+        module.backbone.lm_head.weight.register_hook(out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError) as error:
+        one_batch_trainer().fit(module, train_dataloaders=torch.utils.data.DataLoader(one_batch(tokenizer), None))
+    assert str(error.value) == (
+        "Out of memory in a training batch of 2 utterances, 1.0 s of audio with padding (the longest 0.5 s), on rank "
+        "0. Make batches smaller: data.max_batch_seconds when batching by seconds of audio, data.batch_size when by "
+        "utterances. (CUDA out of memory. Tried to allocate 2.00 GiB.)"
+    )
+    assert isinstance(error.value.__cause__, torch.OutOfMemoryError)
+
+
+def test_out_of_memory_in_evaluation_names_the_batch_and_the_eval_settings(tokenizer, monkeypatch):
+    module = make_module(tokenizer, config=FAST, test_splits=("test-clean",))
+    monkeypatch.setattr(module.backbone, "forward", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match="in a test batch of 2 utterances, 1.0 s of audio") as error:
+        one_batch_trainer().test(module, dataloaders=torch.utils.data.DataLoader(one_batch(tokenizer), None))
+    assert "data.eval_max_batch_seconds when batching by seconds of audio, data.eval_batch_size" in str(error.value)

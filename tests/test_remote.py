@@ -44,3 +44,19 @@ def test_a_range_from_the_wrong_place_is_an_error(serve, monkeypatch):
     raw.seek(1000)
     with pytest.raises(RangeError, match=r"a\.tar\.gz: asked for bytes from 1000, the server sent bytes 0-10239"):
         raw.read(10)
+
+
+def test_a_failing_request_is_made_retries_plus_one_times_with_doubling_waits(serve, monkeypatch):
+    www, url = serve
+    (www / "a.tar.gz").write_bytes(b"0123456789")
+    waits = []
+    monkeypatch.setattr("asr.data.remote.time.sleep", waits.append)
+    retries = RangedHttpFile.RETRIES
+    FolderHandler.statuses[:] = [503] * retries  # fails as often as it is retried: the last attempt succeeds
+    assert RangedHttpFile(f"{url}/a.tar.gz").read(4) == b"0123"
+    assert FolderHandler.statuses == []
+    assert waits == [RangedHttpFile.BACKOFF * 2**k for k in range(retries)]
+    FolderHandler.statuses[:] = [503] * (retries + 2)  # one failure more than that: an error, asking no further
+    with pytest.raises(OSError, match=f"HTTP 503 Service Unavailable at byte 0, after {retries} retries"):
+        RangedHttpFile(f"{url}/a.tar.gz")
+    assert FolderHandler.statuses == [503]

@@ -1,3 +1,5 @@
+import functools
+
 import lightning as L
 import pytest
 import torch
@@ -95,3 +97,27 @@ def test_without_max_time_the_schedule_follows_the_steps_only(monkeypatch, token
     monkeypatch.setattr(L.Trainer, "estimated_stepping_batches", 100)
     module.trainer = L.Trainer(accelerator="cpu", max_steps=100, logger=False)
     assert module.configure_optimizers()["lr_scheduler"]["scheduler"].get_last_lr()[0] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(("decay", "final"), [("linear", 0.0), ("linear", 0.05), ("exponential", 0.01)])
+def test_the_scale_stays_at_its_floor_past_the_last_step_and_past_the_time_budget(decay, final):
+    """A run can take a few steps more than planned (an estimate of the steps, a resume), and the time used can pass
+    the budget (trainer.max_time is checked between steps): the schedule holds at the floor."""
+    schedule = functools.partial(
+        tri_stage, total_steps=20, warmup_steps=2, hold_fraction=0.25, final_lr_scale=final, decay=decay
+    )
+    assert lrs(schedule(optimizer()), 40)[20:] == pytest.approx([final] * 20)
+    clock = {"fraction": 0.0}
+    scheduler = schedule(optimizer(), time_fraction=lambda: clock["fraction"])
+    lrs(scheduler, 5)
+    for fraction in (1.0, 1.2, 3.0):
+        clock["fraction"] = fraction
+        scheduler.step()
+        assert scheduler.get_last_lr()[0] == pytest.approx(final)
+
+
+def test_a_schedule_it_cannot_follow_is_refused():
+    with pytest.raises(ValueError, match="decay must be 'linear' or 'exponential', not 'cosine'"):
+        tri_stage(optimizer(), total_steps=10, warmup_steps=1, decay="cosine")
+    with pytest.raises(ValueError, match=r"exponential decay needs final_lr_scale > 0"):
+        tri_stage(optimizer(), total_steps=10, warmup_steps=1, decay="exponential", final_lr_scale=0.0)

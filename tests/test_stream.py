@@ -41,7 +41,7 @@ def test_evaluation_stream_gives_every_utterance_once_across_ranks_and_workers(t
     assert {i: t for b in batches for i, t in zip(b["ids"], b["texts"], strict=True)} == {
         i: t for i, t in USABLE.items() if i != "174-50561-0002"
     }
-    skipped = sorted((reason, where.rpartition("/")[2]) for b in batches for reason, where in b["skipped"])
+    skipped = sorted((p.reason, p.where.rpartition("/")[2]) for b in batches for p in b["skipped"])
     assert [r for r, _ in skipped].count("undecodable audio") == 1
     assert len(skipped) == len(SOURCE_PROBLEMS) + len(CHECK_PROBLEMS) + 1
 

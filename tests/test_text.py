@@ -1,3 +1,5 @@
+import json
+
 from transformers import Wav2Vec2CTCTokenizer
 
 from asr.data.text import canonical, normalize
@@ -32,3 +34,10 @@ def test_vocabulary_matches_transformers_tokenizer(tokenizer, tmp_path):
     assert hf(text).input_ids == tokenizer.encode(text)
     assert hf.pad_token_id == tokenizer.pad_id
     assert hf.decode(tokenizer.encode(text), group_tokens=False) == text
+
+
+def test_unknown_characters_encode_as_unk_and_the_vocabulary_saves_into_a_new_folder(tokenizer, tmp_path):
+    assert tokenizer.encode("É A") == [tokenizer.unk_id, tokenizer.delimiter_id, tokenizer.token_to_id["A"]]
+    path = tokenizer.save(tmp_path / "new" / "model")
+    assert path == tmp_path / "new" / "model" / "vocab.json"
+    assert json.loads(path.read_text()) == tokenizer.token_to_id

@@ -38,7 +38,12 @@ def test_fast_dev_run(demo_root, tmp_path):
     metrics = metrics_of(tmp_path)
     for key in ("test/wer", "test/cer", "test/test-seen/wer", "test/test-unseen/wer", "val/wer", "train/loss"):
         assert key in metrics
-    assert metrics["test/wer"] == pytest.approx((metrics["test/test-seen/wer"] + metrics["test/test-unseen/wer"]) / 2)
+    splits = [
+        value
+        for key, value in metrics.items()
+        if key.startswith("test/") and key.endswith("/wer") and key.count("/") == 2
+    ]
+    assert len(splits) == 5 and metrics["test/wer"] == pytest.approx(sum(splits) / len(splits))
 
 
 def test_runs_without_a_logger(demo_root, tmp_path):
@@ -106,3 +111,32 @@ def test_the_checkpoint_metrics_json_names_reproduces_its_test_metrics(demo_root
     for split in ("test-seen", "test-unseen"):
         for name in ("wer", "cer", "loss"):
             assert report["splits"][split][name] == metrics[f"test/{split}/{name}"], (split, name)
+
+
+def test_a_bad_checkpoint_to_resume_from_or_one_to_overwrite_stops_with_a_message(demo_root, tmp_path):
+    text = tmp_path / "text.ckpt"
+    text.write_text("not a checkpoint\n")
+    result = run_train(*demo_run(demo_root), f"ckpt_path={text}", cwd=tmp_path, timeout=300)
+    assert result.returncode == 1
+    assert f"ckpt_path={text}: not a readable checkpoint: not a file torch.save writes" in result.stderr
+    assert "Traceback" not in result.stderr
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step5.ckpt").write_bytes(b"")
+    result = run_train(*demo_run(demo_root), f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=300)
+    assert result.returncode == 1
+    assert "holds checkpoints already (step5.ckpt): resume them with ckpt_path=last" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_run_folder_of_a_slurm_job_is_named_after_it(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "asr.train", "--cfg", "hydra", "-p", "hydra.run.dir"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "SLURM_JOB_ID": "4242"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "outputs/4242"

@@ -1,7 +1,9 @@
 """Data commands, configured like training: ``python -m asr.data {inspect,download} [key=value ...]``.
 
 - ``inspect``: per split, its source, how each part is read, utterances, hours, speakers, duration range,
-  character set and skipped items (from the split's manifests, scanned first if needed).
+  character set and the unusable utterances, the first few of each reason named and all of them listed in a file
+  (``skipped.tsv``, or ``data.skip_list``); from the split's manifests, scanned first if needed, and with
+  ``data.verify=true`` every file decoded once first.
 - ``download``: fetch and extract the OpenSLR archives of the configured splits into ``data.root``.
 - ``download-lm``: fetch LibriSpeech's language-model resources (OpenSLR 11: the 4-gram ARPA and the pronunciation
   lexicon) into ``data.root/lm``, and write the lexicon of the LM's words spelled in the model's tokens,
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 import statistics
 import sys
-from collections import Counter
+from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -21,32 +23,45 @@ from omegaconf import DictConfig
 from asr.builders import build_datamodule
 from asr.config import compose
 from asr.data.download import LM_LEXICON, LM_SIZES, OPENSLR_LM_URL, download_split, fetch_lm, lexicon_words
-from asr.data.librispeech import parts
+from asr.data.librispeech import Problem, parts
+from asr.data.skips import COLUMNS, describe, write_list
 from asr.data.sources.demo import DemoSource
 from asr.data.text import CharTokenizer, normalize
 from asr.decoding import write_lexicon
 
 
 def inspect(cfg: DictConfig) -> None:
+    """Per split, what it holds and the unusable utterances, the first few of each reason named; all of them listed
+    in ``data.skip_list`` (default ``skipped.tsv`` here). ``data.verify=true`` decodes every file first."""
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     source = datamodule.source
+    unusable: list[tuple[str, Problem]] = []
     for split in dict.fromkeys([*datamodule.train_splits, *datamodule.val_splits, *datamodule.test_splits]):
         manifests = datamodule.catalog.manifest(split)
         utterances, problems = datamodule.catalog.read(split, split in datamodule.train_splits, manifests)
-        skipped = Counter(p.reason for p in problems)
+        unusable += [(split, p) for p in problems]
         durations = [u.duration for u in utterances] or [0.0]
         characters = "".join(sorted({c for u in utterances for c in normalize(u.transcript)}))
+        verified = f"{sum(len(m.verified) for m in manifests)} files decoded whole"
+        if not cfg.data.verify:
+            verified += " (data.verify=true decodes every file)"
         print(
             f"{split}: {len(utterances)} utterances, {sum(durations) / 3600:.2f} h, "
             f"{len({u.speaker for u in utterances})} speakers\n"
             f"  from: {', '.join(source.locations(split))}\n"
             f"  read: {'; '.join(source.reading(m) for m in manifests)}\n"
+            f"  verified: {verified}\n"
             f"  duration min/mean/max: {min(durations):.2f} / {statistics.mean(durations):.2f} / "
             f"{max(durations):.2f} s\n"
             f"  characters: {characters!r}\n"
-            f"  skipped: {sum(skipped.values())} {dict(skipped) if skipped else ''}"
+            f"  skipped: {len(problems)}"
         )
+        if problems:
+            print(describe(problems, indent="    "))
+    path = Path(cfg.data.skip_list or "skipped.tsv").expanduser()
+    write_list(unusable, path)
+    print(f"{len(unusable)} unusable utterances listed in {path.absolute()} ({', '.join(COLUMNS)}; tab-separated)")
 
 
 def _not_demo(data: DictConfig, hint: str = "") -> None:

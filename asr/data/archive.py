@@ -40,6 +40,11 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
     os.close(handle)
     try:
         yield Path(partial)
+        # mkstemp's file is the writer's alone (0600): give it the mode of any new file, for the other users of
+        # a shared corpus
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(partial, 0o666 & ~umask)
         os.replace(partial, path)
     finally:
         Path(partial).unlink(missing_ok=True)
@@ -104,15 +109,18 @@ class _Counting:
 def _record(
     location: str, member: tarfile.TarInfo, index: int, data: bytes, transcripts: dict[str, str], trans_name: str
 ) -> tuple[Utterance, bytes] | Problem:
-    where = f"{location}:{member.name}"
-    utt_id = member.name.rpartition("/")[2].removesuffix(".flac")
+    where, name = f"{location}:{member.name}", member.name.rpartition("/")[2]
+    utt_id = name.removesuffix(".flac")
     text = transcript_of(utt_id, where, transcripts, trans_name)
     if isinstance(text, Problem):
         return text
+    audio = io.BytesIO(data)
     try:
-        info = sf.info(io.BytesIO(data))
+        info = sf.info(audio)
     except (sf.LibsndfileError, RuntimeError) as err:
-        return Problem("unreadable audio", where, f"cannot read the audio header: {err}")
+        return Problem(
+            "unreadable audio", where, f"cannot read the audio header: {str(err).replace(repr(audio), name)}"
+        )
     speaker = utt_id.split("-", 1)[0]
     return Utterance(
         utt_id,
@@ -189,9 +197,11 @@ def read_archive(
                     else:
                         waiting.setdefault(chapter, []).append((member, index, data))
                 elif name.endswith(".trans.txt"):
-                    text = tar.extractfile(member).read().decode("utf-8")
-                    transcripts.setdefault(chapter, {}).update(parse_transcripts(text))
-                    trans_names[chapter] = member.name
+                    found, repeated = parse_transcripts(tar.extractfile(member).read(), f"{location}:{member.name}")
+                    transcripts[chapter] = {**found, **transcripts.get(chapter, {})}  # an id's first line is kept
+                    trans_names.setdefault(chapter, member.name)
+                    if shard == 0:
+                        yield from repeated
                     for audio, audio_index, data in waiting.pop(chapter, []):
                         yield _record(location, audio, audio_index, data, transcripts[chapter], member.name)
             _check_end(tar, location)

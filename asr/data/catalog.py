@@ -3,7 +3,6 @@ evaluation."""
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from pathlib import Path
 
@@ -12,29 +11,57 @@ from asr.data.librispeech import DataError, Problem, Utterance, apply_policy
 from asr.data.manifest import Manifest, load_manifest
 from asr.data.skips import SkipLog
 from asr.data.sources import Source
+from asr.data.verify import Verifier
 
-log = logging.getLogger(__name__)
+
+def first_of_each_id(utterances: list[Utterance]) -> tuple[list[Utterance], list[Problem]]:
+    """The rule for an id found twice in a split (two chapters, two parts): the first one (in manifest order: a
+    folder's by chapter, an archive's in stream order) is kept, and each other one is a problem that names it."""
+    first: dict[str, Utterance] = {}
+    kept, repeated = [], []
+    for utt in utterances:
+        if utt.id in first:
+            detail = f"{utt.id} is also {first[utt.id].where}, which is kept"
+            repeated.append(Problem("duplicate utterance id", utt.where, detail))
+        else:
+            first[utt.id] = utt
+            kept.append(utt)
+    return kept, repeated
 
 
 class Catalog:
     """The manifests of ``source``'s splits, cached in ``manifest_dir``, and the utterances of each that pass the
-    ``checks``; the others are raised (``on_error="raise"``) or counted in ``skips``. Also the gzip indexes of the
-    archives whose manifests have one, to read them by region."""
+    ``checks``; the others are raised (``on_error="raise"``) or counted in ``skips``. With a ``verifier``, every
+    file is decoded once first. Also the gzip indexes of the archives whose manifests have one, to read them by
+    region."""
 
-    def __init__(self, source: Source, checks: Checks, on_error: str, manifest_dir: Path, skips: SkipLog) -> None:
+    def __init__(
+        self,
+        source: Source,
+        checks: Checks,
+        on_error: str,
+        manifest_dir: Path,
+        skips: SkipLog,
+        verifier: Verifier | None = None,
+    ) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', not {on_error!r}")
         self.source, self.checks, self.on_error = source, checks, on_error
-        self.manifest_dir, self.skips = manifest_dir, skips
+        self.manifest_dir, self.skips, self.verifier = manifest_dir, skips, verifier
         self.index_files: dict[str, str] = {}  # archives read by region -> their gzip index
         self._usable: dict[tuple[str, bool], list[Utterance]] = {}  # (split, for training) -> usable utterances
 
     def manifest(self, split: str, verify: bool = False) -> list[Manifest]:
-        """The manifests of a split's parts, scanned once (again when ``verify`` finds a part changed)."""
-        return [
+        """The manifests of a split's parts, scanned once (again when ``verify`` finds a part changed), and with
+        a ``verifier``, every file decoded once."""
+        manifests = [
             load_manifest(self.source, self.source.location(part), self.manifest_dir / f"{part}.json", verify)
             for part in self.source.parts(split)
         ]
+        if self.verifier is not None:
+            for manifest in manifests:
+                self.verifier.verify(manifest)
+        return manifests
 
     def read(
         self, split: str, for_training: bool, manifests: list[Manifest] | None = None
@@ -44,10 +71,11 @@ class Catalog:
         utterances, problems = [], []
         for manifest in manifests or self.manifest(split):
             problems += apply_policy(manifest.problems, self.on_error)
-            usable, unusable = self._check(manifest.utterances, for_training)
-            utterances += usable
-            problems += unusable
-        return utterances, problems
+            utterances += manifest.utterances
+        utterances, repeated = first_of_each_id(utterances)
+        problems += apply_policy(repeated, self.on_error)
+        usable, unusable = self._check(utterances, for_training)
+        return usable, problems + unusable
 
     def _check(self, utterances: list[Utterance], for_training: bool) -> tuple[list[Utterance], list[Problem]]:
         found = [(utt, self.checks.problem(utt, for_training)) for utt in utterances]
@@ -64,14 +92,13 @@ class Catalog:
                 manifests = self.manifest(split)
                 self.index_files.update({m.source: m.index_file for m in manifests if m.index_file is not None})
                 usable, problems = self.read(split, for_training, manifests)
-            role, skipped = "training" if for_training else "evaluation", Counter(p.reason for p in problems)
+            role = "training" if for_training else "evaluation"
             if not usable:
+                skipped = dict(Counter(p.reason for p in problems))
                 raise DataError(
-                    f"{split}: no utterances usable for {role} in {self.source.locations(split)}, {dict(skipped)}"
+                    f"{split}: no utterances usable for {role} in {self.source.locations(split)}, {skipped}"
                 )
-            if skipped:
-                log.warning("%s: %d utterances for %s, skipped %s", split, len(usable), role, dict(skipped))
-            self.skips.add(split, problems)
+            self.skips.add(split, problems, len(usable), role)
             self._usable[split, for_training] = usable
         return self._usable[split, for_training]
 

@@ -36,6 +36,7 @@ class Checks:
     min_duration: float | None = None
     max_duration: float | None = None
     max_batch_seconds: float | None = None  # training batches' budget: a longer utterance fits in none
+    max_speed: float = 1.0  # the fastest speed perturbation of training (asr.data.augment): fewer CTC frames
 
     def problem(self, utt: Utterance, for_training: bool) -> Problem | None:
         """Why ``utt`` cannot be used, or None. Duration limits and the CTC length check apply to training
@@ -65,11 +66,12 @@ class Checks:
         # CTC needs a frame per label, and a blank between repeated labels; fewer give an infinite loss.
         text = normalize(utt.transcript)
         needed = len(text) + sum(a == b for a, b in itertools.pairwise(text))
-        frames = (samples - self.min_samples) * self.frames_per_second // self.sample_rate + 1
+        frames = (samples / self.max_speed - self.min_samples) * self.frames_per_second // self.sample_rate + 1
         if frames < needed:
             return bad(
                 "label longer than the output frames",
-                f"{needed} CTC frames needed, {frames:.0f} in {utt.duration:.2f} s",
+                f"{needed} CTC frames needed, {frames:.0f} in {utt.duration:.2f} s"
+                + (f" at speed {self.max_speed:g}" if self.max_speed != 1 else ""),
             )
         return None
 
@@ -109,12 +111,12 @@ class Checks:
         self,
         records: Sequence[tuple[Utterance, str | BinaryIO]],
         on_error: str,
-        skipped: Sequence[tuple[str, str]] = (),
+        skipped: Sequence[Problem] = (),
         buffer: Callable[[Sequence[int]], torch.Tensor] = pcm_buffer,
     ) -> dict:
         """Decode utterances into one zero-padded 16-bit PCM ``buffer`` (made for their lengths): a loader batch,
         with ``lengths``, ``labels`` (token ids), ``texts``, ``ids`` and ``skipped`` as lists. Under
-        ``on_error="skip"`` the utterances that fail are left out and listed as (reason, file) in ``skipped``,
+        ``on_error="skip"`` the utterances that fail are left out and their problems listed in ``skipped``,
         after the given ``skipped``. :func:`model_inputs` makes the model's inputs from it."""
         lengths = [self.samples(utt) for utt, _ in records]
         pcm = buffer(lengths)
@@ -126,7 +128,7 @@ class Checks:
                 if on_error == "raise":
                     raise
                 failed.append(k)
-                skipped = [*skipped, (err.reason, utt.where)]
+                skipped = [*skipped, err.problem or Problem(err.reason, utt.where, str(err))]
         if failed:  # rare: a copy of the buffer without them
             keep = [k for k in range(len(records)) if k not in failed]
             records, lengths = [records[k] for k in keep], [lengths[k] for k in keep]

@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
+from asr.data.augment import Augmentation
 from asr.data.batching import Budget, DistributedBatchSampler, DurationBatchSampler
 from asr.data.catalog import Catalog
 from asr.data.checks import Checks
@@ -19,6 +20,7 @@ from asr.data.skips import SkipLog
 from asr.data.sources import Source
 from asr.data.stream import StreamDataset, stream_batches, stream_regions, stream_shards
 from asr.data.text import CharTokenizer
+from asr.data.verify import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +28,10 @@ log = logging.getLogger(__name__)
 class SpeechDataModule(L.LightningDataModule):
     """Composes a :class:`Source`, the :class:`Checks` of what the model can use (its ``sample_rate``, receptive
     field ``min_samples`` and ``frames_per_second``), a :class:`Catalog` of the usable utterances (manifests cached in
-    ``manifest_dir``, default ``<root>/manifests``), batch samplers over them (or streams, for a source without
-    random access), a :class:`SkipLog`, a :class:`WorkerTransport` and this rank's :class:`TrainingPosition`."""
+    ``manifest_dir``, default ``<root>/manifests``; with ``verify``, every file decoded once up front), batch
+    samplers over them (or streams, for a source without random access), a :class:`SkipLog` (its list in
+    ``skip_list``, by default the run folder's ``skipped.tsv``), a :class:`WorkerTransport` and this rank's
+    :class:`TrainingPosition`."""
 
     def __init__(
         self,
@@ -55,16 +59,33 @@ class SpeechDataModule(L.LightningDataModule):
         max_duration: float | None = None,
         resample: bool = False,
         on_error: str = "skip",
+        verify: bool = False,
+        skip_list: str | None = None,
         # The worker transport
         num_workers: int = 4,
         pin_memory: bool | None = None,
         prefetch_factor: int | None = None,
         task_seconds: float | None = 60.0,
         manifest_dir: str | None = None,
+        # Waveform augmentation of the training batches (asr.builders.build_augmentation)
+        augment: Augmentation | None = None,
     ) -> None:
         super().__init__()
         self.source, self.root = source, root
         self.train_splits, self.val_splits, self.test_splits = train_splits, val_splits, test_splits
+        self.augment = augment
+        slowest, fastest = augment.speeds if augment is not None else (1.0, 1.0)
+        if max_batch_seconds is not None and slowest < 1:
+            # Batches slowed down by up to 1/slowest still hold at most max_batch_seconds (docs/augmentation.md).
+            log.info(
+                "augment.speed: training batches of up to %.2f s of audio (data.max_batch_seconds=%s x the slowest "
+                "factor %s), at most %s s once slowed down; longer utterances are left out",
+                max_batch_seconds * slowest,
+                max_batch_seconds,
+                slowest,
+                max_batch_seconds,
+            )
+            max_batch_seconds *= slowest
         self.checks = Checks(
             tokenizer,
             sample_rate=sample_rate,
@@ -74,14 +95,16 @@ class SpeechDataModule(L.LightningDataModule):
             min_duration=min_duration,
             max_duration=max_duration,
             max_batch_seconds=max_batch_seconds,
+            max_speed=max(1.0, fastest),
         )
         self.budget = Budget(batch_size, max_batch_seconds)
         self.eval_budget = Budget(eval_batch_size if eval_max_batch_seconds is None else None, eval_max_batch_seconds)
         self.shuffle_buffer, self.batches_per_epoch, self.seed = shuffle_buffer, batches_per_epoch, seed
         self.transport = WorkerTransport(num_workers, pin_memory, prefetch_factor, task_seconds)
-        self.skips = SkipLog(source.locations)
+        self.skips = SkipLog(source.locations, None if skip_list is None else Path(skip_list).expanduser())
         manifest_dir = Path(manifest_dir or Path(root) / "manifests").expanduser()
-        self.catalog = Catalog(source, self.checks, on_error, manifest_dir, self.skips)
+        verifier = Verifier(self.checks, source, max(1, num_workers)) if verify else None
+        self.catalog = Catalog(source, self.checks, on_error, manifest_dir, self.skips, verifier)
         self.position = TrainingPosition()
         self._train_loader: DataLoader | None = None
 
@@ -97,16 +120,29 @@ class SpeechDataModule(L.LightningDataModule):
         """Whether a split has a manifest: all do but streams trained on with ``batches_per_epoch`` set."""
         return self.batches_per_epoch is None or split not in self.train_splits or self.source.random_access
 
+    def _list_skips(self) -> None:
+        """In training, unusable utterances are listed in the run folder (``skipped.tsv``) unless
+        ``skip_list`` names another file; by rank 0."""
+        if self.skips.list_file is None and self.trainer is not None and self.trainer.is_global_zero:
+            self.skips.list_file = Path(self.trainer.default_root_dir) / "skipped.tsv"
+
     def prepare_data(self) -> None:
-        """Prepare the source, and scan the manifests that are missing or out of date (once per node)."""
+        """Prepare the source, and scan the manifests that are missing or out of date (once per node); with
+        ``verify``, decode the files not verified yet."""
         self.source.prepare()
-        for split in filter(self._scanned, self._all_splits()):
-            self.catalog.manifest(split, verify=True)
+        for split in self._all_splits():
+            if self._scanned(split):
+                self.catalog.manifest(split, verify=True)
+            elif self.catalog.verifier is not None:
+                log.warning(
+                    "%s: not verified (data.verify): streamed without a manifest (data.batches_per_epoch)", split
+                )
 
     def setup(self, stage: str | None = None) -> None:
         """Load each split's usable utterances: for evaluation every utterance the model can encode, and for
         training those it can use (duration limits, CTC length), so that a split both trained and evaluated on is
         evaluated whole. Streams without a manifest report their problems as they meet them."""
+        self._list_skips()
         wanted = {"fit": self.train_splits + self.val_splits, "validate": self.val_splits, "test": self.test_splits}
         for split in filter(self._scanned, wanted.get(stage, self._all_splits())):
             if split in self.val_splits + self.test_splits and not self.catalog.loaded(split, False):
@@ -195,13 +231,17 @@ class SpeechDataModule(L.LightningDataModule):
         return SpeechLoader(dataset, batch_size=None, position=position, **self.transport.options())
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Make the model's inputs on the device; count the training batches this rank received (its resume
-        position), and decoding skips."""
-        batch = model_inputs(batch)
+        """Make the model's inputs on the device, training batches augmented first (seeded by the batch's place:
+        seed, epoch, its position in the epoch on this rank, rank); count the training batches this rank received
+        (its resume position), and decoding skips."""
         stage = getattr(self.trainer.state.stage, "value", None) if self.trainer else "train"
         epoch = self.trainer.current_epoch if self.trainer else self.position.epoch
         if stage == "train":
             self.position.received(epoch)
+            if self.augment is not None:
+                rank = self._rank_and_world()[0]
+                batch = self.augment(batch, (self.seed, epoch, self.position.batches - 1, rank))
+        batch = model_inputs(batch)
         skipped = batch.get("skipped") or []
         splits = []
         if skipped:

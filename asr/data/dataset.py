@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from asr.data.checks import Checks
-from asr.data.librispeech import Utterance
+from asr.data.librispeech import Problem, Utterance
 from asr.data.sources import Source
 from asr.data.transfer import SharedSlots, Task
 
@@ -55,7 +55,7 @@ def decode_batch(
     on_error: str,
     slots: SharedSlots | None,
     iteration: int,
-    skipped: Sequence[tuple[str, str]] = (),
+    skipped: Sequence[Problem] = (),
 ) -> dict:
     """:meth:`Checks.batch`, into a shared slot where a DataLoader worker has one, for a batch of loader
     iteration ``iteration``."""

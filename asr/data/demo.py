@@ -2,7 +2,10 @@
 
 The corpus is the offline stand-in for LibriSpeech: random word sequences over a fixed vocabulary, spoken by
 several eSpeak voices at random rate and pitch, with light noise, as 16 kHz FLAC with ``*.trans.txt`` files.
-Everything is drawn from one seed, so the same seed always gives the same corpus.
+Besides the test set of the training voices (``test-seen``) and of held-out voices (``test-unseen``), three test sets
+lie outside the training conditions: faster speech (``test-fast``), more noise (``test-noisy``) and English accents
+and voices never used in training (``test-accents``). Everything is drawn from one seed, so the same seed always
+gives the same corpus.
 """
 
 from __future__ import annotations
@@ -52,13 +55,24 @@ class DemoCorpusConfig:
         "en-gb-x-rp+f3",
     )
     heldout_voices: tuple[str, ...] = ("en-us+m4", "en-gb-x-rp+f5")
+    # Lancaster and West Midlands English, which no other split speaks, with voice variants train does not use.
+    accent_voices: tuple[str, ...] = (
+        "en-gb-x-gbclan+m5",
+        "en-gb-x-gbcwmd+linda",
+        "en-gb-x-gbclan+steph",
+        "en-gb-x-gbcwmd+m6",
+    )
     words_per_minute: tuple[int, int] = (170, 220)
+    fast_words_per_minute: tuple[int, int] = (240, 280)  # test-fast
     pitch: tuple[int, int] = (30, 70)
     word_gap_10ms: int = 2
     snr_db: tuple[float, float] = (15.0, 35.0)
-    splits: tuple[str, ...] = field(default=("train", "dev", "test-seen", "test-unseen"), init=False)
+    noisy_snr_db: tuple[float, float] = (6.0, 12.0)  # test-noisy
+    splits: tuple[str, ...] = field(
+        default=("train", "dev", "test-seen", "test-unseen", "test-fast", "test-noisy", "test-accents"), init=False
+    )
     # Bump when the synthesis code changes, so cached corpora are rebuilt.
-    version: int = 1
+    version: int = 2
 
     def fingerprint(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
@@ -79,10 +93,36 @@ class _Utterance:
     noise_seed: int
 
 
+@dataclass(frozen=True)
+class _Conditions:
+    count: int
+    voices: tuple[str, ...]
+    words_per_minute: tuple[int, int]
+    snr_db: tuple[float, float]
+
+
+def _conditions(cfg: DemoCorpusConfig) -> dict[str, _Conditions]:
+    """Each split's size, voices, speaking rates and noise, in the order their sentences are drawn: the splits of
+    version 1 first, so that they stay as they were."""
+    mean_seconds = 0.3 * (cfg.min_words + cfg.max_words) / 2 + 0.25  # measured for the default voices and rates
+    train_hours = cfg.train_hours * 3600
+    test, voices, wpm, snr = cfg.test_utterances, cfg.train_voices, cfg.words_per_minute, cfg.snr_db
+    return {
+        "dev": _Conditions(cfg.dev_utterances, voices, wpm, snr),
+        "test-seen": _Conditions(test, voices, wpm, snr),
+        "test-unseen": _Conditions(test, cfg.heldout_voices, wpm, snr),
+        "train": _Conditions(int(train_hours / mean_seconds), voices, wpm, snr),
+        "test-fast": _Conditions(test, voices, cfg.fast_words_per_minute, snr),
+        "test-noisy": _Conditions(test, voices, wpm, cfg.noisy_snr_db),
+        "test-accents": _Conditions(test, cfg.accent_voices, wpm, snr),
+    }
+
+
 def _plan(cfg: DemoCorpusConfig, root: Path) -> dict[str, list[_Utterance]]:
     """Draw every sentence and synthesis setting up front, so the result does not depend on worker order."""
     rng = random.Random(cfg.seed)
     words = vocabulary()
+    all_voices = cfg.train_voices + cfg.heldout_voices + cfg.accent_voices
     seen: set[str] = set()
 
     def sentence() -> str:
@@ -92,21 +132,14 @@ def _plan(cfg: DemoCorpusConfig, root: Path) -> dict[str, list[_Utterance]]:
                 seen.add(text)
                 return text
 
-    mean_seconds = 0.3 * (cfg.min_words + cfg.max_words) / 2 + 0.25  # measured for the default voices and rates
-    counts = {
-        "train": int(cfg.train_hours * 3600 / mean_seconds),
-        "dev": cfg.dev_utterances,
-        "test-seen": cfg.test_utterances,
-        "test-unseen": cfg.test_utterances,
-    }
     plan: dict[str, list[_Utterance]] = {}
-    # Dev and test sentences are drawn first; train can never repeat them because `seen` is shared.
-    for split in ("dev", "test-seen", "test-unseen", "train"):
-        voices = cfg.heldout_voices if split == "test-unseen" else cfg.train_voices
+    # Sentences are never repeated across splits because `seen` is shared.
+    for split, conditions in _conditions(cfg).items():
+        voices = conditions.voices
         utterances = []
-        for k in range(counts[split]):
+        for k in range(conditions.count):
             speaker_index = k % len(voices)
-            speaker = 100 * (1 + speaker_index) + (cfg.train_voices + cfg.heldout_voices).index(voices[speaker_index])
+            speaker = 100 * (1 + speaker_index) + all_voices.index(voices[speaker_index])
             chapter = 1 + cfg.splits.index(split)
             utt_id = f"{speaker}-{chapter}-{k // len(voices):04d}"
             utterances.append(
@@ -114,9 +147,9 @@ def _plan(cfg: DemoCorpusConfig, root: Path) -> dict[str, list[_Utterance]]:
                     path=str(root / split / str(speaker) / str(chapter) / f"{utt_id}.flac"),
                     text=sentence(),
                     voice=voices[speaker_index],
-                    wpm=rng.randint(*cfg.words_per_minute),
+                    wpm=rng.randint(*conditions.words_per_minute),
                     pitch=rng.randint(*cfg.pitch),
-                    snr_db=rng.uniform(*cfg.snr_db),
+                    snr_db=rng.uniform(*conditions.snr_db),
                     noise_seed=rng.randrange(2**31),
                 )
             )
@@ -145,9 +178,12 @@ class _Espeak:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
         return 0
 
-    def speak(self, text: str, voice: str, wpm: int, pitch: int, word_gap_10ms: int) -> np.ndarray:
+    def speak(self, text: str, voice: str, wpm: int, pitch: int, word_gap_10ms: int, seed: int) -> np.ndarray:
+        """The waveform at 22,050 Hz. Besides the seed of its random draws (the breath noise of some voices, else
+        seeded from the clock), it depends on what this process spoke before (the phase of the pitch flutter)."""
         if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise ValueError(f"eSpeak NG has no voice {voice!r}")
+        self._lib.espeak_ng_SetRandSeed(ctypes.c_long(seed))
         for parameter, value in ((_RATE, wpm), (_PITCH, pitch), (_WORDGAP, word_gap_10ms)):
             self._lib.espeak_SetParameter(parameter, value, 0)
         self._chunks.clear()
@@ -166,7 +202,7 @@ def _synthesize(batch: tuple[list[_Utterance], int]) -> None:
     espeak = _Espeak()
     resample = Resample(_ESPEAK_RATE, SAMPLE_RATE)  # its filter is built once, not per call
     for utt in utterances:
-        wave = espeak.speak(utt.text, utt.voice, utt.wpm, utt.pitch, word_gap)
+        wave = espeak.speak(utt.text, utt.voice, utt.wpm, utt.pitch, word_gap, utt.noise_seed)
         wave = resample(torch.from_numpy(wave)).numpy()
         rng = np.random.default_rng(utt.noise_seed)
         wave = np.concatenate(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -58,6 +59,11 @@ class Problem(NamedTuple):
     def __str__(self) -> str:
         return f"{self.where}: {self.reason} ({self.detail})"
 
+    @property
+    def id(self) -> str:
+        """The utterance's id: its audio file's (or member's, or row's) name, or its transcript line's id."""
+        return Path(self.where.rpartition(":")[2]).name.removesuffix(".flac")
+
 
 class DataError(ValueError):
     """An input is unusable; the message names the file and the problem."""
@@ -66,10 +72,13 @@ class DataError(ValueError):
     def __init__(self, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.reason = reason
+        self.problem: Problem | None = None
 
     @classmethod
     def of(cls, problem: Problem) -> DataError:
-        return cls(str(problem), problem.reason)
+        error = cls(str(problem), problem.reason)
+        error.problem = problem
+        return error
 
 
 def apply_policy(problems: list[Problem], on_error: str) -> list[Problem]:
@@ -83,17 +92,39 @@ def split_dir(root: str | Path, split: str) -> Path:
     return Path(root).expanduser() / "LibriSpeech" / split
 
 
-def parse_transcripts(text: str) -> dict[str, str]:
-    """``<id> <TRANSCRIPT>`` lines; an id with nothing after it maps to ``""``."""
-    pairs = (line.strip().partition(" ") for line in text.splitlines())
-    return {utt_id: words.strip() for utt_id, _, words in pairs if utt_id}
+def parse_transcripts(data: bytes, name: str) -> tuple[dict[str, str | Problem], list[Problem]]:
+    """``<id> <TRANSCRIPT>`` lines of the transcript file ``name`` (UTF-8, with or without a byte-order mark, any
+    line ends, words apart by spaces or tabs): each id's transcript (``""`` when nothing follows it), or
+    the :class:`Problem` of a line that is not UTF-8, for its audio. An id given again is a problem of its own;
+    the first line of an id is the one kept."""
+    transcripts: dict[str, str | Problem] = {}
+    lines: dict[str, int] = {}
+    repeated = []
+    for number, line in enumerate(data.removeprefix(b"\xef\xbb\xbf").splitlines(), 1):
+        fields = line.split(None, 1)
+        if not fields:
+            continue
+        key, text = fields[0].decode("utf-8", "backslashreplace"), fields[1] if len(fields) > 1 else b""
+        if key in lines:
+            detail = f"line {number} repeats the id of line {lines[key]}, which is kept"
+            repeated.append(Problem("duplicate transcript line", f"{name}:{key}", detail))
+            continue
+        lines[key] = number
+        try:
+            transcripts[key] = " ".join(text.decode("utf-8").split())
+        except UnicodeDecodeError as err:
+            detail = f"line {number} of {name} is not UTF-8 (byte 0x{text[err.start]:02x}; saved as Latin-1?)"
+            transcripts[key] = Problem("transcript not UTF-8", "", detail)
+    return transcripts, repeated
 
 
-def transcript_of(utt_id: str, where: str, transcripts: dict[str, str], trans_file: str) -> str | Problem:
+def transcript_of(utt_id: str, where: str, transcripts: dict[str, str | Problem], trans_file: str) -> str | Problem:
     """The transcript of the audio ``where``, or why it has none."""
     text = transcripts.get(utt_id)
     if text is None:
         return Problem("audio without transcript", where, f"no line for {utt_id} in {trans_file}")
+    if isinstance(text, Problem):
+        return text._replace(where=where)
     return text or Problem("empty transcript", where, f"the line for {utt_id} in {trans_file} is empty")
 
 
@@ -148,13 +179,23 @@ def scan_directory(directory: str | Path, workers: int = 1) -> tuple[list[Uttera
         audio = {p.stem: str(p) for p in chapter.glob("*.flac")}
         trans_files = sorted(chapter.glob("*.trans.txt"))
         trans_file = str(trans_files[0]) if trans_files else f"{chapter}/*.trans.txt"
-        transcripts = {k: v for f in trans_files for k, v in parse_transcripts(f.read_text()).items()}
+        transcripts: dict[str, str | Problem] = {}
+        for f in trans_files:
+            try:
+                found, repeated = parse_transcripts(f.read_bytes(), str(f))
+            except OSError as err:
+                unreadable = Problem("unreadable transcript", "", f"cannot read {f}: {err.strerror}")
+                found, repeated = dict.fromkeys(audio, unreadable), []
+            transcripts = {**found, **transcripts}  # the first file's line of an id is kept
+            problems += repeated
         problems += [
             Problem("transcript without audio", f"{trans_file}:{utt_id}", f"{utt_id}.flac is missing")
             for utt_id in sorted(transcripts.keys() - audio.keys())
         ]
         for utt_id, path in sorted(audio.items()):
             text = transcript_of(utt_id, path, transcripts, trans_file)
+            if not os.path.exists(path):
+                text = Problem("dangling symlink", path, f"it points to {os.readlink(path)}, which does not exist")
             if isinstance(text, Problem):
                 problems.append(text)
             else:

@@ -179,7 +179,7 @@ class StreamDataset(IterableDataset):
                 elif self.on_error == "raise":
                     raise DataError.of(problem)
                 else:
-                    skipped.append((problem.reason, problem.where))
+                    skipped.append(problem)
 
     def _batches(self, shard: int, shards: int, pass_: int, skipped: list) -> Iterator[list[tuple]]:
         rng = None if self.batches_per_epoch is None else stream_rng(self.seed, self.epoch, pass_, shard)
@@ -205,7 +205,7 @@ class StreamDataset(IterableDataset):
         # plays the part of the worker that owns that batch, and so on, so that batches keep their order.
         worker = ((info.id if info is not None else 0) + self.start) % workers
         shard, shards = self.rank * workers + worker, self.world_size * workers
-        skipped: list[tuple[str, str]] = []
+        skipped: list[Problem] = []
         if self.batches_per_epoch is None:
             for batch in self._batches(shard, shards, 0, skipped):
                 yield self._collate(batch, skipped)

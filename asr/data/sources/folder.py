@@ -24,16 +24,20 @@ class FolderSource(Source):
         return str(split_dir(self.root, part))
 
     def fingerprint(self, location: str) -> str:
-        """The names, sizes and times of the folder's files."""
+        """The names, sizes, times, permissions and owners of the folder's files (of a dangling link: the
+        link's): a file made readable since, or a link mended, is scanned again."""
         path = Path(location)
         if not path.is_dir():
             raise FileNotFoundError(self.missing([path.name]) or f"{location} is not a directory")
         digest = hashlib.sha1()
         for folder, subfolders, files in os.walk(path):
             subfolders.sort()
+            digest.update(f"{folder}\0{os.stat(folder).st_mode}\n".encode())
             for name in sorted(files):
-                stat = os.stat(os.path.join(folder, name))
-                digest.update(f"{folder}/{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+                file = os.path.join(folder, name)
+                stat = os.stat(file) if os.path.exists(file) else os.lstat(file)
+                facts = (stat.st_size, stat.st_mtime_ns, stat.st_mode, stat.st_uid, stat.st_gid)
+                digest.update(f"{file}\0{facts}\n".encode())
         return digest.hexdigest()
 
     def scan(self, location: str, index_to: Path) -> Manifest:
