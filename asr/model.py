@@ -324,7 +324,10 @@ class SpeechRecognizer(L.LightningModule):
                     f"the last one, with their loss per token: {where}. The skipped steps before it are logged "
                     f"with their utterances."
                 )
-        self.log("train/skipped_steps", torch.tensor(float(self.skipped_steps)), on_step=True, batch_size=1)
+        # On the steps the logger writes (and each skip): not a new value and a log call every step.
+        trainer = self._trainer
+        if not finite or trainer is None or trainer._logger_connector.should_update_logs:
+            self.log("train/skipped_steps", torch.tensor(float(self.skipped_steps)), on_step=True, batch_size=1)
 
     def _log_train_loss_every_n_steps(self, loss: torch.Tensor, batch_size: int) -> None:
         """Log the mean loss since the last logger write, every ``trainer.log_every_n_steps`` steps.

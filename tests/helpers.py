@@ -1,10 +1,14 @@
 """Helpers shared by the tests: tiny model configs and batches, a mini corpus with every kind of bad input,
-archives of it, an HTTP server of byte ranges with faults, and DataModules over them."""
+archives of it, an HTTP server of byte ranges with faults, DataModules over them, a quiet Trainer and
+``python -m asr.train`` in a subprocess."""
 
 from __future__ import annotations
 
 import http.server
 import io
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -20,6 +24,33 @@ from asr.data.manifest import Manifest, load_manifest
 from asr.data.sources.archive import ArchiveSource
 from asr.data.sources.folder import FolderSource
 from asr.data.transfer import pcm_buffer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def quiet_trainer(**options) -> L.Trainer:
+    """A CPU Trainer that logs, checkpoints, prints nothing unless ``options`` say otherwise."""
+    quiet = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**quiet, **options})
+
+
+def run_train(*overrides: str, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m asr.train *overrides`` offline, its output captured; the tests' own callbacks (tests.x.Y) import."""
+    return subprocess.run(
+        [sys.executable, "-m", "asr.train", *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **(env or {})},
+    )
+
 
 # A tiny random-init HuBERT.
 TINY_HUBERT = {

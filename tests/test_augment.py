@@ -6,9 +6,6 @@ import itertools
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -24,9 +21,8 @@ from asr.data.augment import AdditiveNoise, Augmentation, Reverb, SpeedPerturbat
 from asr.data.checks import Checks
 from asr.data.dataset import model_inputs
 from asr.data.librispeech import DataError, Utterance
-from tests.helpers import TINY_MODEL, make_datamodule, ready
+from tests.helpers import TINY_MODEL, make_datamodule, ready, run_train
 
-REPO = Path(__file__).resolve().parents[1]
 RATE = 16_000
 
 
@@ -149,8 +145,9 @@ def test_noise_folder_skips_bad_files_naming_them_and_is_read_once(noise_folder,
     ]
     assert int(noise.bank.lengths[1]) == RATE // 2  # 8 kHz, resampled
     warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert "skipped 2 of 5 files" in warning and "broken.wav: undecodable audio" in warning
-    assert "empty.wav: empty audio" in warning
+    assert "skipped 2 of 5 files" in warning
+    assert "undecodable audio: 1\n    " + str(noise_folder / "sound-bible" / "broken.wav") in warning
+    assert "empty audio: 1\n    " + str(noise_folder / "sound-bible" / "empty.wav") in warning
     for k, out in enumerate(batches):
         clean = pcm_batch(lengths, seed=k)["input_values"].float()
         for b, n in enumerate(lengths):
@@ -162,6 +159,13 @@ def test_noise_folder_with_a_bad_file_under_raise_names_it(noise_folder):
     noise = AdditiveNoise(folder=str(noise_folder), p=1.0, sample_rate=RATE, on_error="raise")
     with pytest.raises(DataError, match=r"broken\.wav: undecodable audio"):
         Augmentation(noise=noise)(pcm_batch([4_000]), (0, 0, 0, 0))
+
+
+def test_a_bad_noise_folder_stops_the_run_at_setup(demo_root, tokenizer, tmp_path):
+    noise = AdditiveNoise(folder=str(tmp_path / "nowhere"), sample_rate=RATE)
+    dm = make_datamodule(demo_root, tokenizer, augment=Augmentation(noise=noise))
+    with pytest.raises(DataError, match="augment.noise.folder=.*no such folder"):
+        ready(dm, "fit")
 
 
 def test_noise_folder_without_usable_audio(tmp_path):
@@ -283,17 +287,6 @@ def test_speed_perturbation_shrinks_the_training_budget_and_tightens_the_ctc_che
 
 
 # ------------------------------------------------------------------------------------------------- training
-
-
-def run_train(*overrides, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "asr.train", *overrides],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
-    )
 
 
 def demo_data(root):

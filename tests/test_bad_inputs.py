@@ -11,7 +11,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import lightning as L
 import pytest
 
 from asr.data.checks import Checks
@@ -28,6 +27,8 @@ from tests.helpers import (
     Recorder,
     make_archive,
     make_datamodule,
+    quiet_trainer,
+    run_train,
     truncated_corpus,
     write_corpus,
     write_flac,
@@ -282,13 +283,8 @@ def test_verification_in_processes_finds_the_same(tmp_path, tokenizer):
 
 
 def fit(dm, run: Path) -> None:
-    L.Trainer(
+    quiet_trainer(
         max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         use_distributed_sampler=False,
         default_root_dir=run,
@@ -336,26 +332,17 @@ def test_inspect_names_every_unusable_utterance_and_lists_them_in_a_file(tmp_pat
 
 
 def train(tmp_path, *overrides):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "asr.train",
-            "experiment=demo",
-            "data/source=folder",
-            f"data.root={tmp_path}",
-            *(f"data.{key}_splits=[dev-clean]" for key in ("train", "val", "test")),
-            "trainer.max_steps=2",
-            "trainer.max_time=null",
-            "~logger",
-            *TINY_MODEL,
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    return run_train(
+        "experiment=demo",
+        "data/source=folder",
+        f"data.root={tmp_path}",
+        *(f"data.{key}_splits=[dev-clean]" for key in ("train", "val", "test")),
+        "trainer.max_steps=2",
+        "trainer.max_time=null",
+        "~logger",
+        *TINY_MODEL,
+        *overrides,
         cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
 
 

@@ -9,7 +9,7 @@ import torch
 
 from asr.checkpoint import load_checkpoint, load_recognizer, load_trained, save_export
 from asr.model import SpeechRecognizer
-from tests.helpers import TINY_HUBERT, batch_of
+from tests.helpers import TINY_HUBERT, batch_of, quiet_trainer
 
 
 def test_a_checkpoint_rebuilds_its_model_without_the_hub(tmp_path, tokenizer):
@@ -85,12 +85,9 @@ def test_what_asr_train_writes_needs_no_allow_list(tmp_path, tokenizer):
         tokenizer, functools.partial(torch.optim.AdamW, lr=1e-3), config=TINY_HUBERT, freeze_feature_encoder=False
     )
     batch = {**batch_of([torch.randn(16_000)], [tokenizer.encode("HELLO")]), "ids": ["u0"], "texts": ["HELLO"]}
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        enable_checkpointing=True,
         max_steps=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[
             ModelCheckpoint(
                 tmp_path,

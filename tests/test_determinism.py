@@ -9,9 +9,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from tests.helpers import TINY_MODEL
+from tests.helpers import REPO, TINY_MODEL
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
 
 
@@ -57,7 +56,7 @@ def finished(run: subprocess.Popen, folder: Path) -> tuple[list[str], dict]:
     _, stderr = run.communicate(timeout=600)
     assert run.returncode == 0, stderr[-3000:]
     (final,) = folder.glob("outputs/*/*/checkpoints/final.ckpt")
-    return (folder / "losses.txt").read_text().splitlines(), torch.load(final, weights_only=False)["state_dict"]
+    return (folder / "losses.txt").read_text().splitlines(), torch.load(final, weights_only=True)["state_dict"]
 
 
 def test_the_same_seed_and_config_give_the_same_losses_and_weights_on_cpu(demo_root, tmp_path):

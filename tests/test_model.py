@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from asr.model import SpeechRecognizer
-from tests.helpers import TINY_HUBERT, batch_of
+from tests.helpers import TINY_HUBERT, batch_of, quiet_trainer
 
 
 def make_module(tokenizer, **kwargs) -> SpeechRecognizer:
@@ -267,8 +267,6 @@ def test_sync_free_logging_logs_the_mean_loss_with_a_fused_clipped_optimizer(tok
 
 
 def test_native_cpu_convolutions_give_the_same_results_and_cover_the_backward(tokenizer):
-    import lightning as L
-
     torch.manual_seed(0)
     config = {**FAST, "conv_dim": [16, 16], "conv_kernel": [10, 4], "conv_stride": [5, 4]}
     onednn = make_module(tokenizer, config=config, freeze_feature_encoder=False)
@@ -295,14 +293,7 @@ def test_native_cpu_convolutions_give_the_same_results_and_cover_the_backward(to
     native.train()
     conv = native.backbone.base_model.feature_extractor.conv_layers[0].conv
     conv.weight.register_hook(lambda grad: flag_in_backward.append(torch.backends.mkldnn.enabled))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=1)
     trainer.fit(native, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
     assert flag_in_backward == [False]
     assert torch.backends.mkldnn.enabled  # restored after the step
@@ -327,19 +318,6 @@ def out_of_memory(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore details")
 
 
-def one_batch_trainer():
-    import lightning as L
-
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-
-
 def one_batch(tokenizer) -> list[dict]:
     batch = batch_of([torch.rand(8000) * 2 - 1, torch.rand(4000) * 2 - 1], [tokenizer.encode("HI")] * 2)
     return [{**batch, "ids": ["a", "b"], "texts": ["HI", "HI"]}]
@@ -353,7 +331,9 @@ def test_out_of_memory_in_training_names_the_batch_and_the_settings(tokenizer, m
     else:
         module.backbone.lm_head.weight.register_hook(out_of_memory)
     with pytest.raises(torch.OutOfMemoryError) as error:
-        one_batch_trainer().fit(module, train_dataloaders=torch.utils.data.DataLoader(one_batch(tokenizer), None))
+        quiet_trainer(max_steps=1).fit(
+            module, train_dataloaders=torch.utils.data.DataLoader(one_batch(tokenizer), None)
+        )
     assert str(error.value) == (
         "Out of memory in a training batch of 2 utterances, 1.0 s of audio with padding (the longest 0.5 s), on rank "
         "0. Make batches smaller: data.max_batch_seconds when batching by seconds of audio, data.batch_size when by "
@@ -366,5 +346,5 @@ def test_out_of_memory_in_evaluation_names_the_batch_and_the_eval_settings(token
     module = make_module(tokenizer, config=FAST, test_splits=("test-clean",))
     monkeypatch.setattr(module.backbone, "forward", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError, match="in a test batch of 2 utterances, 1.0 s of audio") as error:
-        one_batch_trainer().test(module, dataloaders=torch.utils.data.DataLoader(one_batch(tokenizer), None))
+        quiet_trainer(max_steps=1).test(module, dataloaders=torch.utils.data.DataLoader(one_batch(tokenizer), None))
     assert "data.eval_max_batch_seconds when batching by seconds of audio, data.eval_batch_size" in str(error.value)

@@ -12,7 +12,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader
 
 from asr.model import SpeechRecognizer
-from tests.helpers import TINY_HUBERT, batch_of
+from tests.helpers import TINY_HUBERT, batch_of, quiet_trainer
 
 STEPS = 6
 
@@ -72,16 +72,11 @@ def fit(tokenizer, tmp_path, faults, limit, devices=1, fused=True, **trainer_kwa
         faults=faults,
         out=str(tmp_path),
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=devices,
         strategy="ddp_fork" if devices > 1 else "auto",
         max_steps=STEPS,
         gradient_clip_val=1.0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         use_distributed_sampler=False,
         limit_val_batches=0,
         **trainer_kwargs,

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from asr.preemption import Preempted, Preemption
+from tests.helpers import quiet_trainer
 
 SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
 
@@ -54,14 +55,9 @@ def scontrol(tmp_path, monkeypatch):
 
 def fit(tmp_path, signum, signal_at=2, accumulate=1) -> tuple[Preempted, Preemption]:
     callback = Preemption(str(tmp_path / "checkpoints"))
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=10,
         accumulate_grad_batches=accumulate,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[callback],
     )
     data = DataLoader(list(torch.randn(40, 4)), batch_size=2)

@@ -7,16 +7,13 @@ missed. With 1 process and DataLoader workers, and with 2 DDP ranks (CPU, gloo).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import TINY_MODEL
+from tests.helpers import TINY_MODEL, run_train
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 24  # the demo fixture's epoch is about 17 steps: the resumed runs cross an epoch boundary and its validation
 EVERY = 5  # mid-epoch checkpoints at steps 5, 10, ...
 AUGMENT = ("augment=speed_noise", "augment.noise.p=1.0")
@@ -24,10 +21,7 @@ AUGMENT = ("augment=speed_noise", "augment.noise.p=1.0")
 
 def train(demo_root, run_dir: Path, *overrides, ids: str = "ids", env: dict | None = None, cwd: Path | None = None):
     """``python -m asr.train`` for ``STEPS`` steps, the batches of each rank logged under ``<run_dir>-<ids>/``."""
-    command = [
-        sys.executable,
-        "-m",
-        "asr.train",
+    return run_train(
         "experiment=demo",
         f"data.root={demo_root}",
         "data/source=folder",
@@ -42,14 +36,8 @@ def train(demo_root, run_dir: Path, *overrides, ids: str = "ids", env: dict | No
         *AUGMENT,
         *([] if cwd else [f"hydra.run.dir={run_dir}"]),
         *overrides,
-    ]
-    return subprocess.run(
-        command,
         cwd=cwd or run_dir.parent,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **(env or {})},
+        env=env,
     )
 
 

@@ -8,18 +8,7 @@ import time
 
 import pytest
 
-from tests.helpers import TINY_MODEL
-
-
-def run_train(*overrides, cwd, timeout=600, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "asr.train", *overrides],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-    )
+from tests.helpers import TINY_MODEL, run_train
 
 
 def metrics_of(cwd):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -22,7 +21,8 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from asr.data.librispeech import DataError, Problem
+from asr.data.librispeech import DataError, Problem, apply_policy
+from asr.data.skips import describe
 
 log = logging.getLogger(__name__)
 
@@ -140,26 +140,18 @@ class AudioBank:
         if not self.folder.is_dir():
             raise DataError(f"augment.{self.name}.folder={self.folder}: no such folder")
         paths = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
-        clips, problems = [], []
-        for path in paths:
-            clip = self._read(path)
-            if isinstance(clip, Problem):
-                if self.on_error == "raise":
-                    raise DataError.of(clip)
-                problems.append(clip)
-            else:
-                clips.append(clip)
-                self.files.append(str(path))
+        read = [(path, self._read(path)) for path in paths]
+        problems = apply_policy([clip for _, clip in read if isinstance(clip, Problem)], self.on_error)
+        clips = [clip for _, clip in read if not isinstance(clip, Problem)]
+        self.files = [str(path) for path, clip in read if not isinstance(clip, Problem)]
         if problems:
-            counts = dict(Counter(p.reason for p in problems))
             log.warning(
-                "augment.%s: skipped %d of %d files in %s %s:\n  %s",
+                "augment.%s: skipped %d of %d files in %s:\n%s",
                 self.name,
                 len(problems),
                 len(paths),
                 self.folder,
-                counts,
-                "\n  ".join(map(str, problems)),
+                describe(problems),
             )
         if not clips:
             raise DataError(
@@ -276,6 +268,12 @@ class Augmentation:
         noise: AdditiveNoise | None = None,
     ) -> None:
         self.speed, self.reverb, self.noise = speed, reverb, noise
+
+    def load(self) -> None:
+        """Read the noise and impulse-response folders (at setup: a bad folder stops the run before its first step)."""
+        for transform in (self.reverb, self.noise):
+            if transform is not None and transform.bank is not None:
+                transform.bank.load()
 
     @property
     def speeds(self) -> tuple[float, float]:

@@ -53,12 +53,13 @@ class Catalog:
 
     def manifest(self, split: str, verify: bool = False) -> list[Manifest]:
         """The manifests of a split's parts, scanned once (again when ``verify`` finds a part changed), and with
-        a ``verifier``, every file decoded once."""
+        a ``verifier``, every file decoded once: when ``verify`` (in ``prepare_data``, once per node), not at each
+        later read of the cached manifests."""
         manifests = [
             load_manifest(self.source, self.source.location(part), self.manifest_dir / f"{part}.json", verify)
             for part in self.source.parts(split)
         ]
-        if self.verifier is not None:
+        if verify and self.verifier is not None:
             for manifest in manifests:
                 self.verifier.verify(manifest)
         return manifests

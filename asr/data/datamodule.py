@@ -161,6 +161,8 @@ class SpeechDataModule(L.LightningDataModule):
                     )
             if split in self.train_splits:
                 self.catalog.load(split, True)
+        if self.augment is not None and stage in ("fit", None):
+            self.augment.load()
 
     def _rank_and_world(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
