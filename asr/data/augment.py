@@ -114,11 +114,11 @@ class SpeedPerturbation:
 
 
 class AudioBank:
-    """The audio files of a folder (FLAC and WAV, in any subfolder: MUSAN's layout or any other), read once on first
-    use and kept in memory: their first channel at ``sample_rate``, peak-normalised, as 16-bit PCM in one flat tensor
-    (``trim_to_peak``: from the loudest sample on, the direct path of a room impulse response). A file that cannot be
-    used (undecodable, empty, silent) is skipped, counted and named in the log (``on_error="skip"``) or raises a
-    :class:`DataError` naming it (``"raise"``)."""
+    """The audio files of a folder (FLAC and WAV, in any subfolder: MUSAN's layout or any other), read once (at the
+    DataModule's setup) and kept in memory: their first channel at ``sample_rate``, peak-normalised, as 16-bit PCM
+    in one flat tensor (``trim_to_peak``: from the loudest sample on, the direct path of a room impulse response). A
+    file that cannot be used (undecodable, empty, silent) is skipped, counted and named in the log
+    (``on_error="skip"``) or raises a :class:`DataError` naming it (``"raise"``)."""
 
     def __init__(self, name: str, folder: str, sample_rate: int, on_error: str, trim_to_peak: bool = False) -> None:
         if on_error not in ("raise", "skip"):
